@@ -1,0 +1,203 @@
+"""Per-task gradients as one stacked pytree (leading axis = task).
+
+``task_grads`` differentiates a vector of m task losses and returns, for every
+parameter leaf, an array with a new leading axis of size m whose row i is
+∇ losses[i]. ``representation_grads`` and ``representation_update`` implement the
+shared-representation mode (gradients w.r.t. the shared features, aggregation
+there, one backward pass through the trunk).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mtl_optax._src import base
+
+PyTree = Any
+
+MODES = ("jacrev", "vmap")
+
+
+def _check_losses_shape(out, has_aux, where):
+  losses = out[0] if has_aux else out
+  shape = getattr(losses, "shape", None)
+  if shape is None or len(shape) != 1:
+    raise ValueError(
+        f"{where}: loss_fn must return a vector of per-task losses of shape (m,)"
+        f"{' as the first element of (losses, aux)' if has_aux else ''}; got shape {shape}.")
+  if not jnp.issubdtype(losses.dtype, jnp.floating):
+    raise TypeError(f"{where}: losses must be floating point, got {losses.dtype}.")
+  return shape[0]
+
+
+def _map_tasks(fn, eye, chunk_size):
+  """Applies ``fn`` to each row of ``eye``: all at once, or ``chunk_size`` at a time."""
+  m = eye.shape[0]
+  if chunk_size is None or chunk_size >= m:
+    return jax.vmap(fn)(eye)
+  if chunk_size == 1:
+    return jax.lax.map(fn, eye)
+  return jax.lax.map(fn, eye, batch_size=chunk_size)
+
+
+def task_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *args,
+    mode: str = "jacrev",
+    chunk_size: Optional[int] = None,
+    has_aux: bool = False,
+    **kwargs,
+):
+  """Losses and stacked per-task gradients of a vector-valued loss function.
+
+  ``grads[leaf][i] = ∂ losses[i] / ∂ leaf``.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs) -> losses`` of shape (m,), or
+      ``(losses, aux)`` when ``has_aux``.
+    params: parameter pytree.
+    *args: positional arguments passed to ``loss_fn`` (the batch, ...).
+    mode: "jacrev" (default): one forward pass, then m vector-Jacobian products
+      of the same linearisation, vmapped (the cost of 1 forward + m backward).
+      "vmap": ``jax.vmap(jax.grad)`` over one-hot task weightings; every task
+      runs its own forward pass (more compute, sometimes less memory, and it
+      works with functions that are not reverse-differentiable as a whole).
+    chunk_size: differentiate at most this many tasks at once
+      (``jax.lax.map(..., batch_size=chunk_size)``) to bound the memory of the
+      backward passes; None (default) does all m at once.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    **kwargs: keyword arguments passed to ``loss_fn``.
+
+  Returns:
+    ``(losses, grads)``, or ``((losses, aux), grads)`` when ``has_aux``.
+    ``grads`` has the structure of ``params`` with a leading task axis on every
+    leaf.
+  """
+  if mode not in MODES:
+    raise ValueError(f"task_grads: mode must be one of {MODES}, got {mode!r}.")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"task_grads: chunk_size must be a positive int or None, got {chunk_size!r}.")
+  f = lambda p: loss_fn(p, *args, **kwargs)
+  m = _check_losses_shape(jax.eval_shape(f, params), has_aux, "task_grads")
+  out_dtype = jax.eval_shape(f, params)
+  out_dtype = (out_dtype[0] if has_aux else out_dtype).dtype
+  eye = jnp.eye(m, dtype=out_dtype)
+
+  if mode == "jacrev":
+    if has_aux:
+      losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
+    else:
+      losses, vjp_fn = jax.vjp(f, params)
+    grads = _map_tasks(lambda e: vjp_fn(e)[0], eye, chunk_size)
+  else:
+    def one(e):
+      def weighted(p):
+        out = f(p)
+        ls, ax = out if has_aux else (out, None)
+        return jnp.dot(e, ls), (ls, ax)
+      return jax.grad(weighted, has_aux=True)(params)
+
+    grads, (all_losses, all_aux) = _map_tasks(one, eye, chunk_size)
+    # Every task ran the same forward pass; take the first copy.
+    losses = all_losses[0]
+    aux = jax.tree_util.tree_map(lambda a: a[0], all_aux)
+  return ((losses, aux), grads) if has_aux else (losses, grads)
+
+
+def representation_grads(
+    trunk_fn: Callable[..., Any],
+    heads_loss_fn: Callable[..., Any],
+    trunk_params: PyTree,
+    head_params: PyTree,
+    trunk_args: tuple = (),
+    head_args: tuple = (),
+    chunk_size: Optional[int] = None,
+):
+  """Per-task gradients w.r.t. the shared representation z = trunk(θ_sh, ...).
+
+  Args:
+    trunk_fn: ``trunk_fn(trunk_params, *trunk_args) -> z`` (any pytree).
+    heads_loss_fn: ``heads_loss_fn(head_params, z, *head_args) -> losses (m,)``.
+    trunk_params, head_params: the two parameter pytrees.
+    trunk_args, head_args: extra positional arguments (batch inputs, targets).
+    chunk_size: as in :func:`task_grads`.
+
+  Returns:
+    ``(losses, rep_grads, head_grads, trunk_vjp)``: ``rep_grads`` stacks
+    ∂L_i/∂z (leading task axis), ``head_grads`` stacks ∂L_i/∂θ_heads and
+    ``trunk_vjp(cotangent_z)`` returns the trunk gradient for a combined
+    cotangent (one backward pass through the trunk).
+  """
+  z, trunk_vjp = jax.vjp(lambda tp: trunk_fn(tp, *trunk_args), trunk_params)
+  (losses, (head_grads, rep_grads)) = task_grads(
+      lambda hz: heads_loss_fn(hz[0], hz[1], *head_args), (head_params, z),
+      chunk_size=chunk_size)
+  return losses, rep_grads, head_grads, lambda ct: trunk_vjp(ct)[0]
+
+
+def representation_update(
+    aggregator,
+    state,
+    trunk_fn: Callable[..., Any],
+    heads_loss_fn: Callable[..., Any],
+    trunk_params: PyTree,
+    head_params: PyTree,
+    trunk_args: tuple = (),
+    head_args: tuple = (),
+    chunk_size: Optional[int] = None,
+    allow_invalid: bool = False,
+    **extra,
+):
+  """One aggregation step in shared-representation mode.
+
+  The per-task gradients are taken w.r.t. the shared features z (size
+  batch × features instead of the number of trunk parameters), the aggregator
+  combines them into one cotangent d_z, and a single backward pass through the
+  trunk gives its update (∂z/∂θ)ᵀ d_z. Each head receives its own gradient
+  (or the weighted one, following the aggregator's head policy).
+
+  When is it exact? For every method whose weights do not depend on the
+  gradients (``sum``, ``mean``, ``linear_scalarization`` and the loss-based
+  weightings), Σ w_i ∇_θ L_i = (∂z/∂θ)ᵀ Σ w_i ∇_z L_i, so the update is the
+  same as with parameter gradients (``AggregatorInfo.representation ==
+  "exact"``). For ``mgda`` it is the published variant MGDA-UB (Sener & Koltun
+  2018, whose bound makes it a valid approximation; "variant"). For every other
+  gradient-based method the weights computed from representation gradients
+  define a different, unpublished method — LibMTL's ``rep_grad`` silently runs
+  such variants — so this function raises unless ``allow_invalid=True``.
+
+  Args:
+    aggregator: an mtl_optax aggregator (built with the default all-shared
+      partition: z has no head leaves).
+    state: its state.
+    trunk_fn, heads_loss_fn, trunk_params, head_params, trunk_args, head_args,
+      chunk_size: as in :func:`representation_grads`.
+    allow_invalid: run a method whose representation variant is not
+      established (at your own risk).
+    **extra: extra arguments for the aggregator (``losses`` are passed
+      automatically).
+
+  Returns:
+    ``(losses, (trunk_update, head_update), new_state)``.
+  """
+  info = base.aggregator_info(aggregator)
+  if info.representation == "invalid" and not allow_invalid:
+    raise ValueError(
+        f"{info.name} is not exact in shared-representation mode and has no published "
+        "representation variant: its weights would be computed from ∂L/∂z instead of "
+        "∂L/∂θ, a different method. Use task_grads on the parameters, or pass "
+        "allow_invalid=True to run the (unvalidated) variant anyway.")
+  losses, rep_grads, head_grads, trunk_vjp = representation_grads(
+      trunk_fn, heads_loss_fn, trunk_params, head_params, trunk_args, head_args, chunk_size)
+  d_z, new_state = aggregator.update(rep_grads, state, None, losses=losses, **extra)
+  weights = base.diagnostics(new_state).get("weights") if info.weight_heads else None
+  if weights is not None:
+    head_update = jax.tree_util.tree_map(
+        lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), head_grads)
+  else:
+    head_update = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), head_grads)
+  return losses, (trunk_vjp(d_z), head_update), new_state
