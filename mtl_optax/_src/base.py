@@ -65,6 +65,11 @@ class TaskGradients(NamedTuple):
     scale: the common power-of-two divisor of the rows (so the true Gram
       matrix is ``scale² * gram``). Weights of scale-invariant methods are
       computed from ``gram`` directly.
+    row_gram: ``(m, m)`` Gram matrix of the rows r_i = g_i / row_scales_i, each
+      divided by its own power of two: always well scaled, even when task
+      gradients differ by 1e±30 (use it for per-row normalisations, with
+      :func:`linalg.scaled_gram`).
+    row_scales: ``(m,)`` those powers of two (g_i = row_scales_i · r_i).
     losses: ``(m,)`` task losses, or None when not passed.
     params: the parameters passed to ``update`` (may be None).
     extra: the other keyword arguments passed to ``update``.
@@ -77,6 +82,8 @@ class TaskGradients(NamedTuple):
   params: Any
   extra: Mapping[str, Any]
   num_tasks: int
+  row_gram: Optional[Array] = None
+  row_scales: Optional[Array] = None
 
 
 class RuleOutput(NamedTuple):
@@ -205,16 +212,20 @@ def check_losses(losses, m: int, name: str, required: bool):
 # The generic transformation.
 # ---------------------------------------------------------------------------
 
-def base_diagnostics(gram: Array, scale: Array) -> dict:
-  """Diagnostics every method reports: Gram, cosines, norms, conflicting pairs."""
-  true_gram = gram * (scale.astype(gram.dtype) ** 2)
-  cos = linalg.cosine_matrix(gram)
-  m = gram.shape[0]
+def base_diagnostics(row_gram: Array, row_scales: Array) -> dict:
+  """Diagnostics every method reports: Gram, cosines, norms, conflicting pairs.
+
+  Computed from the per-row-scaled Gram matrix, so cosines and norms are exact
+  even for gradients of wildly different magnitudes; the true Gram matrix
+  ``gram`` may overflow to inf for gradients beyond ~1e19 in float32.
+  """
+  cos = linalg.cosine_matrix(row_gram)
+  m = row_gram.shape[0]
   off_diag = ~jnp.eye(m, dtype=bool)
   return {
-      "gram": true_gram,
+      "gram": row_gram * row_scales[:, None] * row_scales[None, :],
       "cosines": cos,
-      "norms": linalg.safe_norms(gram) * scale.astype(gram.dtype),
+      "norms": linalg.safe_norms(row_gram) * row_scales,
       "conflicts": jnp.sum((cos < 0) & off_diag).astype(jnp.int32) // 2,
   }
 
@@ -300,13 +311,17 @@ def make_aggregator(
       losses = jnp.where(finite, losses, mean_ok)
 
     shared = [leaves[i] for i in shared_idx]
-    scale = linalg.power_of_two_scale(linalg.rows_max_abs(shared))
-    gram = linalg.gram_matrix(shared, scale)
+    row_scales = linalg.power_of_two_scale(linalg.rows_max_abs(shared))
+    row_gram = linalg.gram_matrix(shared, row_scales[:, None])
+    row_scales = row_scales.astype(row_gram.dtype)
+    scale = jnp.max(row_scales)
+    gram = linalg.scaled_gram(row_gram, jnp.log2(row_scales))
     view = TaskGradients(shared=shared, gram=gram, scale=scale, losses=losses,
-                         params=params, extra=extra, num_tasks=m)
+                         params=params, extra=extra, num_tasks=m, row_gram=row_gram,
+                         row_scales=row_scales)
     out = rule(view, state.inner)
 
-    diag = base_diagnostics(gram, scale)
+    diag = base_diagnostics(row_gram, row_scales)
     if out.weights is not None:
       weights = out.weights
       shared_out = [linalg.combine(weights, leaf) for leaf in shared]
@@ -346,7 +361,8 @@ def make_aggregator(
     stacked = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct((num_tasks,) + jnp.shape(p), jnp.result_type(p)), params)
     kwargs = {"losses": jax.ShapeDtypeStruct((num_tasks,), jnp.float32)} if info.needs_losses else {}
-    _, shapes = jax.eval_shape(lambda g, s, p: update_fn(g, s, p, **kwargs), stacked, state, params)
+    _, shapes = jax.eval_shape(lambda g, s, p, kw: update_fn(g, s, p, **kw),
+                               stacked, state, params, kwargs)
     diag = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.diagnostics)
     return state._replace(diagnostics=diag)
 

@@ -37,23 +37,35 @@ def task_rows(leaves: Sequence[Array]) -> list[Array]:
 
 
 def rows_max_abs(leaves: Sequence[Array]) -> Array:
-  """Largest finite absolute entry of all stacked leaves (a scalar, >= 0)."""
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  maxima = [jnp.max(jnp.abs(leaf)).astype(jnp.float32) for leaf in leaves if leaf.size]
+  """Largest absolute entry of each task row over all stacked leaves: ``(m,)``."""
+  m = leaves[0].shape[0]
+  maxima = [jnp.max(jnp.abs(leaf.reshape(m, -1)), axis=1).astype(jnp.float32)
+            for leaf in leaves if leaf.size]
   if not maxima:
-    return jnp.zeros((), jnp.float32)
-  return jnp.max(jnp.stack(maxima))
+    return jnp.zeros((m,), jnp.float32)
+  return jnp.max(jnp.stack(maxima), axis=0)
 
 
 def power_of_two_scale(max_abs: Array) -> Array:
-  """A power of two close to ``max_abs`` (1 for zero input).
+  """Powers of two close to ``max_abs`` (1 where it is zero), elementwise.
 
   Dividing by a power of two is exact in floating point (barring under/overflow),
-  so Gram matrices of rescaled rows equal the exact ones up to that factor.
+  so Gram matrices of rescaled rows equal the exact ones up to those factors.
   """
   safe = jnp.where(max_abs > 0, max_abs, 1.0)
   return jnp.exp2(jnp.round(jnp.log2(safe)))
+
+
+def scaled_gram(row_gram: Array, log2_factors: Array) -> Array:
+  """Gram matrix of the rows ``a_i r_i`` divided by ``max(a)²``, without overflow.
+
+  With ``R = row_gram`` (Gram of the rows r_i) and ``a_i = 2**log2_factors[i]``,
+  returns ``diag(a) R diag(a) / max(a)²``. Working in log₂ keeps rows whose
+  factors differ by 1e±30 from overflowing float32; only rows negligible
+  against the largest one (by > 2^126) underflow to zero.
+  """
+  rel = jnp.exp2(log2_factors - jnp.max(log2_factors)).astype(row_gram.dtype)
+  return row_gram * rel[:, None] * rel[None, :]
 
 
 def gram_matrix(leaves: Sequence[Array], scale: Array | float = 1.0) -> Array:
@@ -61,10 +73,9 @@ def gram_matrix(leaves: Sequence[Array], scale: Array | float = 1.0) -> Array:
 
   Args:
     leaves: stacked gradient leaves, each of shape ``(m, ...)``.
-    scale: common divisor applied to every row before the products; use
-      :func:`power_of_two_scale` of the largest entry to avoid overflow for
-      huge gradients (the weights of every Gram-based method are invariant
-      to a common scale of G).
+    scale: divisor applied to the rows before the products: a scalar, or an
+      ``(m, 1)`` array of per-row divisors (see :func:`power_of_two_scale`) to
+      avoid overflow and underflow for huge or tiny gradients.
 
   Returns:
     ``(m, m)`` symmetric matrix in float32 (float64 for float64 inputs).
@@ -216,9 +227,10 @@ def simplex_qp(quad: Array, lin: Array | None = None, max_iters: int | None = No
   index with the most negative multiplier once the free-set optimum is
   feasible. It terminates in finitely many iterations (typically ≤ 2m) at an
   exact KKT point, unlike Frank–Wolfe, whose zig-zagging makes it slow on
-  ill-conditioned Gram matrices. A tiny ridge (``ridge`` × max diag Q; default
-  1e-12 in float64, 1e-7 in float32) keeps the free-set systems non-singular
-  for rank-deficient Q.
+  ill-conditioned Gram matrices. A ridge at round-off level (``ridge`` × max
+  diag Q; default 10·m·eps(dtype)) keeps the free-set systems non-singular for
+  rank-deficient Q; it moves the optimum by no more than the round-off already
+  present in a Gram matrix (‖Jᵀw‖ ~ √ridge·‖J‖ at Pareto-stationary points).
 
   Args:
     quad: ``(m, m)`` PSD matrix Q.
@@ -239,7 +251,7 @@ def simplex_qp(quad: Array, lin: Array | None = None, max_iters: int | None = No
     return SolverResult(jnp.ones((1,), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
   max_iters = 4 * m + 10 if max_iters is None else max_iters
   if ridge is None:
-    ridge = 1e-12 if dtype == jnp.float64 else 1e-7
+    ridge = 10 * m * float(jnp.finfo(dtype).eps)
   scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(quad))), jnp.max(jnp.abs(lin)))
   scale = jnp.where(scale > 0, scale, 1.0)
   q = quad / scale + ridge * jnp.eye(m, dtype=dtype)
@@ -315,11 +327,15 @@ def min_norm_on_simplex(gram: Array, max_iters: int | None = None, tol: float = 
   m = gram.shape[0]
   dtype = gram.dtype
   if m == 2:
-    # min over γ of ‖γ g1 + (1-γ) g2‖²: γ = <g2 - g1, g2> / ‖g1 - g2‖², clipped.
-    num = gram[1, 1] - gram[0, 1]
-    den = gram[0, 0] + gram[1, 1] - 2.0 * gram[0, 1]
-    gamma = jnp.clip(safe_div(num, den, fill=0.5), 0.0, 1.0)
-    w = jnp.stack([gamma, 1.0 - gamma]).astype(dtype)
+    # min over γ of ‖γ g1 + (1-γ) g2‖²: γ ∝ <g2 - g1, g2>, 1 - γ ∝ <g1 - g2, g1>.
+    # Both weights are formed directly (not as 1 - γ) so that each has full
+    # relative precision when one is tiny (nearly opposite gradients of very
+    # different norms); clipping at 0 handles the vertex solutions.
+    a = jnp.maximum(gram[1, 1] - gram[0, 1], 0.0)
+    b = jnp.maximum(gram[0, 0] - gram[0, 1], 0.0)
+    total = a + b
+    w = jnp.where(total > 0, jnp.stack([a, b]) / jnp.where(total > 0, total, 1.0),
+                  jnp.full((2,), 0.5, dtype)).astype(dtype)
     gw = gram @ w
     scale = jnp.max(jnp.abs(jnp.diagonal(gram))) + TINY
     nu = w @ gw

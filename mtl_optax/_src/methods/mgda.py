@@ -27,7 +27,10 @@ def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: floa
   Normalisations (as in LibMTL): "none" (n_i = 1, the paper), "l2"
   (n_i = ‖g_i‖), "loss" (n_i = L_i), "loss+" (n_i = L_i ‖g_i‖). Run on the
   gradients of a shared representation (``representation_update``) this is
-  MGDA-UB. Zero gradients (n_i = 0) get weight 0.
+  MGDA-UB. A zero gradient makes the min-norm point 0 (Pareto
+  stationarity), so the update is 0, whatever the normalisation. The
+  normalised Gram matrix is built from per-row-scaled products in log₂, so
+  gradients whose norms differ by up to ~1e±37 are handled in float32.
 
   Args:
     normalization: "none" (default), "l2", "loss" or "loss+"; the last two need
@@ -52,18 +55,25 @@ def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: floa
                              representation="variant")
 
   def rule(view, inner):
-    gram = view.gram
-    norms = linalg.safe_norms(gram) * view.scale.astype(gram.dtype)  # true ‖g_i‖
+    # Normalised rows ĝ_i = g_i / n_i = (s_i / n_i) r_i, built in log₂ from the
+    # per-row-scaled Gram matrix so that gradients differing by 1e±30 survive.
+    r_norms = linalg.safe_norms(view.row_gram)
+    log_s = jnp.log2(view.row_scales)
     if normalization == "none":
-      n = jnp.ones_like(norms)
+      log_n = jnp.zeros_like(log_s)
     elif normalization == "l2":
-      n = norms
+      log_n = log_s + jnp.log2(r_norms)
     else:
-      loss = jnp.abs(view.losses.astype(gram.dtype))
-      n = loss if normalization == "loss" else loss * norms
-    g_hat = linalg.normalize_gram(gram, n)
+      log_loss = jnp.log2(jnp.abs(view.losses.astype(view.row_gram.dtype)))
+      log_n = log_loss if normalization == "loss" else log_loss + log_s + jnp.log2(r_norms)
+    # Rows that cannot be normalised (zero gradient or loss) stay zero rows of
+    # the normalised Gram matrix: the min-norm point is then 0.
+    ok = jnp.isfinite(log_n) & (r_norms > 0)
+    log_a = jnp.where(ok, log_s - log_n, -jnp.inf)
+    g_hat = linalg.scaled_gram(view.row_gram, jnp.where(jnp.any(ok), log_a, 0.0))
     sol = linalg.min_norm_on_simplex(g_hat, max_iters=max_iters, tol=tol)
-    w = linalg.safe_div(sol.x, n)
+    # d = Σ sol_i ĝ_i = Σ w_i g_i with w_i = sol_i / n_i = sol_i · 2^(−log n_i).
+    w = jnp.where(ok, sol.x * jnp.exp2(jnp.where(ok, -log_n, 0.0)), 0.0)
     return base.RuleOutput(state=inner, weights=w,
                            diagnostics={"residual": sol.residual, "iterations": sol.iterations})
 
