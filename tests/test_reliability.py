@@ -23,7 +23,7 @@ from tests.registry import ENTRIES, NOT_GENERIC
 
 N = 6
 TASK_COUNTS = (1, 2, 3, 5, 16, 64)
-EXAMPLES = {"ci": 12, "long": 300}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
+EXAMPLES = {"ci": 25, "long": 500}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
 
 
 @functools.lru_cache(maxsize=None)

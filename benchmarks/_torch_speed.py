@@ -1,0 +1,104 @@
+"""PyTorch side of benchmarks/speed.py (run with .venv-torch's Python; prints JSON).
+
+Same multi-task MLP as the JAX side (trunk 784-512-512-512, one 512→10 head per
+task, cross-entropy per task, batch 256, Adam): the plain summed-loss step,
+TorchJD's ``mtl_backward`` + ``jac_to_grad`` step, and a LibMTL-style loop of
+per-task ``torch.autograd.grad`` calls followed by the same TorchJD aggregator
+on the stacked Jacobian.
+"""
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+
+
+def make_model(m):
+  trunk = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                        nn.Linear(512, 512), nn.ReLU())
+  heads = nn.ModuleList([nn.Linear(512, 10) for _ in range(m)])
+  return trunk, heads
+
+
+def median_time(fn, repeats, warmup=2):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--m", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--threads", type=int, default=2)
+  args = parser.parse_args()
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  from torchjd import aggregation as A  # pylint: disable=g-import-not-at-top
+  from torchjd.autojac import jac_to_grad, mtl_backward  # pylint: disable=g-import-not-at-top
+
+  m = args.m
+  trunk, heads = make_model(m)
+  params = list(trunk.parameters()) + list(heads.parameters())
+  shared = list(trunk.parameters())
+  opt = torch.optim.Adam(params, lr=1e-3)
+  x = torch.randn(256, 784)
+  y = torch.randint(0, 10, (m, 256))
+  ce = nn.CrossEntropyLoss()
+
+  def losses_and_features():
+    z = trunk(x)
+    return [ce(h(z), y[i]) for i, h in enumerate(heads)], z
+
+  def plain():
+    opt.zero_grad(set_to_none=True)
+    losses, _ = losses_and_features()
+    torch.stack(losses).sum().backward()
+    opt.step()
+
+  aggregators = {"mean": A.Mean(), "mgda": A.MGDA(), "cagrad": A.CAGrad(c=0.4),
+                 "upgrad": A.UPGrad(), "nash_mtl": A.NashMTL(n_tasks=m)}
+  out = {"plain_sum": median_time(plain, args.repeats)}
+
+  for name, agg in aggregators.items():
+    def torchjd_step(agg=agg):
+      opt.zero_grad(set_to_none=True)
+      losses, z = losses_and_features()
+      mtl_backward(losses, features=z)
+      jac_to_grad(shared, agg)
+      opt.step()
+
+    def loop_step(agg=agg):
+      opt.zero_grad(set_to_none=True)
+      losses, _ = losses_and_features()
+      rows = []
+      for i, loss in enumerate(losses):
+        g = torch.autograd.grad(loss, shared + list(heads[i].parameters()), retain_graph=True)
+        rows.append(torch.cat([t.reshape(-1) for t in g[:len(shared)]]))
+        for p, gp in zip(heads[i].parameters(), g[len(shared):]):
+          p.grad = gp
+      d = agg(torch.stack(rows))
+      offset = 0
+      for p in shared:
+        p.grad = d[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+      opt.step()
+
+    out[f"torchjd_{name}"] = median_time(torchjd_step, args.repeats)
+    out[f"loop_{name}"] = median_time(loop_step, args.repeats)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
