@@ -20,6 +20,9 @@ class Entry:
   deterministic: bool = True
   weighted: bool = True
   extra: Callable[[int], dict] | None = None  # extra update kwargs besides losses
+  # Methods undefined for fewer tasks (Krum's scores need m ≥ n_byzantine + 3, the
+  # trimmed mean m ≥ 2·trim + 1) raise a clear error below this m instead.
+  min_tasks: int = 1
   # Largest row norm of the (possibly normalised) rows the solver works on, from
   # the true row norms and the losses: sets the round-off scale of J d ≥ 0.
   solver_row_scale: Callable = lambda norms, losses: max(norms.max(), 0.0)
@@ -52,8 +55,9 @@ def _entries():
       "config": lambda: Entry(lambda m: mo.config(num_tasks=m)),
       "edm": lambda: Entry(lambda m: mo.edm(num_tasks=m)),
       "cdtt": lambda: Entry(lambda m: mo.cdtt(num_tasks=m)),
-      "krum": lambda: Entry(lambda m: mo.krum(num_tasks=m)),
-      "trimmed_mean": lambda: Entry(lambda m: mo.trimmed_mean(num_tasks=m), weighted=False),
+      "krum": lambda: Entry(lambda m: mo.krum(num_tasks=m), min_tasks=3),
+      "trimmed_mean": lambda: Entry(lambda m: mo.trimmed_mean(num_tasks=m), weighted=False,
+                                    min_tasks=3),
       "uncertainty_weighting": lambda: Entry(lambda m: mo.uncertainty_weighting(num_tasks=m)),
       "dwa": lambda: Entry(lambda m: mo.dwa(num_tasks=m)),
       "random_loss_weighting": lambda: Entry(
@@ -63,11 +67,11 @@ def _entries():
       "famo": lambda: Entry(lambda m: mo.famo(num_tasks=m)),
       "stch": lambda: Entry(lambda m: mo.stch(num_tasks=m)),
       "gradnorm": lambda: Entry(lambda m: mo.gradnorm(num_tasks=m)),
-      "gradvac": lambda: Entry(lambda m: mo.gradvac(num_tasks=m)),
+      "gradvac": lambda: Entry(lambda m: mo.gradvac(num_tasks=m), deterministic=False),
       "graddrop": lambda: Entry(lambda m: mo.graddrop(num_tasks=m), deterministic=False,
                                 weighted=False),
       "moco": lambda: Entry(lambda m: mo.moco(num_tasks=m), weighted=False),
-      "db_mtl": lambda: Entry(lambda m: mo.db_mtl(num_tasks=m)),
+      "db_mtl": lambda: Entry(lambda m: mo.db_mtl(num_tasks=m), weighted=False),
       "excess_mtl": lambda: Entry(lambda m: mo.excess_mtl(num_tasks=m)),
   }
   for name, make in optional.items():

@@ -343,3 +343,35 @@ def min_norm_on_simplex(gram: Array, max_iters: int | None = None, tol: float = 
                            jnp.max(jnp.where(w > 0, jnp.abs(gw - nu), 0.0))) / scale
     return SolverResult(w, residual, jnp.ones((), jnp.int32))
   return simplex_qp(gram, None, max_iters=max_iters, tol=tol)
+
+
+def softmax_vjp(z: Array, v: Array) -> Array:
+  """``J_softmax(ξ)ᵀ v`` from ``z = softmax(ξ)``: ``z ⊙ v − z (zᵀv)``.
+
+  The gradient with respect to logits ξ of ``vᵀ softmax(ξ)`` (the Jacobian is
+  symmetric: ``diag(z) − z zᵀ``). Used by methods with learnable task logits
+  (FAMO, GradNorm).
+  """
+  return z * v - z * jnp.sum(z * v, axis=-1, keepdims=True)
+
+
+def cross_gram(leaves_a: Sequence[Array], leaves_b: Sequence[Array],
+               scale: Array | float = 1.0) -> Array:
+  """Cross Gram matrix ``C_ij = <a_i, b_j> / scale²`` of two stacked gradients.
+
+  ``a`` and ``b`` are two stacked pytrees' leaves (the same shapes, task axis
+  first), e.g. the gradients of two independent batches (MoDo, SDMGrad's
+  double sampling). Not symmetric in general. Accumulated in float32 or
+  better; ``scale`` (a scalar, e.g. a power of two close to the largest entry)
+  guards against overflow.
+  """
+  if not leaves_a or len(leaves_a) != len(leaves_b):
+    raise ValueError("cross_gram needs two equally long, non-empty lists of stacked leaves.")
+  m = leaves_a[0].shape[0]
+  acc = accumulation_dtype(leaves_a[0].dtype)
+  out = jnp.zeros((m, m), acc)
+  for a, b in zip(task_rows(leaves_a), task_rows(leaves_b)):
+    a = a.astype(jnp.promote_types(a.dtype, acc)) / jnp.asarray(scale, acc)
+    b = b.astype(jnp.promote_types(b.dtype, acc)) / jnp.asarray(scale, acc)
+    out = out + jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  return out

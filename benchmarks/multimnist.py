@@ -1,0 +1,683 @@
+"""Multi-MNIST comparison of multi-task methods (benchmarks.md §1).
+
+    python -m benchmarks.multimnist --tasks CL_RR --methods mean,cagrad,imtl --seeds 3 \
+        --epochs 10 [--quick] [--encoder lenet|mlp]
+
+Protocol (after Gama & Grassi 2025, Navon et al. 2022):
+
+1. Single-task (STL) baselines: the same encoder + one head per task, trained
+   alone; their test metrics (mean over seeds) are the references S of Δm%.
+2. Every method: Adam, a small learning-rate grid. The learning rate is
+   selected on the validation split with seed 0 (score = validation Δm% against
+   the STL validation metrics, at the best epoch); the other seeds run at the
+   selected rate. Each run reports the test metrics at its best validation epoch.
+3. A tuned linear-scalarisation baseline ``ls_tuned``: fixed weights
+   (w, 1 − w) for w in ``--ls-grid``, selected on validation like a learning
+   rate (at the learning rate selected for ``mean``).
+4. Fixed weights from a method's run (``--fixed-from``): the EMA (β = 0.9) of
+   the per-epoch mean task weights of that run (``mo.metrics.fixed_weights``),
+   normalised to sum 1, re-trained with ``mo.linear_scalarization``
+   (``fixed_<method>``), per seed.
+5. Δm% (test, per seed, mean ± std), per-task Δ, mean rank, the interference
+   measure (mean cosine of each task's shared gradient with the average, per
+   epoch) and the task weights over training.
+
+Implementation: per-task gradients with ``mo.task_grads`` (heads marked
+``task_specific``), the aggregator chained with ``optax.adam``; flat variants
+(``f_<method>``) use ``mo.flat`` + ``mo.sharpness_aware_task_grads``. A whole
+epoch is one jitted ``jax.lax.scan`` over device-resident data; one compilation
+per method (the learning rate is a traced argument); evaluation is jitted.
+
+Outputs ``benchmarks/results/multimnist_<tasks>_<tag>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mtl_optax as mo
+from mtl_optax import metrics
+from benchmarks import models
+from benchmarks import registry
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TASK_NAMES = {"CL_CR": ("CL", "CR"), "CL_RR": ("CL", "RR"), "RL_RR": ("RL", "RR")}
+
+
+# ---------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Split:
+  images: np.ndarray          # (N, 36, 36, 1) float32 in [0, 1]
+  targets: tuple              # per task: (N,) int32 labels or (N, 784) float32 images
+
+  def __len__(self):
+    return int(self.images.shape[0])
+
+
+def load_data(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict:
+  """The multi-MNIST composites (``mtl_optax.datasets``) as {"train","val","test"}: Split."""
+  from mtl_optax import datasets  # pylint: disable=g-import-not-at-top
+  out = {}
+  for split in ("train", "val", "test"):
+    d = datasets.multi_mnist(task, split, seed=seed, n_train=n_train, n_val=n_val,
+                             n_test=n_test)
+    out[split] = Split(np.asarray(d.images, np.float32), tuple(np.asarray(t) for t in d.targets))
+  return out
+
+
+def _task_metric_dirs(kinds):
+  """[(metric_name, lower_is_better)] per task from the head kinds ('CL'/'RR')."""
+  return [models.METRICS[k] for k in kinds]
+
+
+# ---------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------
+
+def heads_mask(path, leaf):  # pylint: disable=unused-argument
+  """task_specific= predicate: the leaves under params["heads"]."""
+  return any(getattr(k, "key", None) == "heads" for k in path)
+
+
+_EVAL_CACHE: dict = {}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """A compiled epoch + evaluation for one (model, aggregator) pair."""
+  model: models.MultiTaskModel
+  agg: Any
+  flat: bool
+  weighted: bool
+  batch_size: int
+  rho: float
+  adaptive: bool
+  sam_norm: str = "joint"
+  epoch_fn: Callable = None
+  eval_fn: Callable = None
+
+  def __post_init__(self):
+    m = self.model.num_tasks
+    model, agg, bs = self.model, self.agg, self.batch_size
+    perturb = None
+    if self.flat:
+      perturb = mo.task_perturbation(rho_shared=self.rho, rho_task=self.rho,
+                                     adaptive=self.adaptive, task_specific=heads_mask,
+                                     norm=self.sam_norm)
+
+    def body(tx, ep, carry, idx, images, targets):
+      p, s = carry
+      batch = {"images": images[idx], "targets": tuple(t[idx] for t in targets)}
+      extra = {"epoch": ep}   # epoch-based methods (DWA, GradNorm) read it; others ignore it
+      if agg is None:  # single-task baseline: plain Adam on the one loss
+        loss, g = jax.value_and_grad(lambda q: model.task_losses(q, batch)[0])(p)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), (loss[None], jnp.ones((1,), jnp.float32),
+                                                jnp.float32(1.0))
+      if perturb is None:
+        losses, g = mo.task_grads(model.task_losses, p, batch)
+      else:
+        losses, g, sam = mo.sharpness_aware_task_grads(model.task_losses, p, batch,
+                                                       perturbation=perturb)
+        extra["sam_grads"] = sam
+      inter = metrics.interference(g, task_specific=heads_mask) if m > 1 else jnp.float32(1.0)
+      u, s = tx.update(g, s, p, losses=losses, **extra)
+      p = optax.apply_updates(p, u)
+      w = jnp.zeros((m,), jnp.float32)
+      if self.weighted:
+        diag = mo.diagnostics(s)
+        if "weights" in diag:
+          w = diag["weights"].astype(jnp.float32)
+      return (p, s), (losses, w, inter)
+
+    def epoch(params, opt_state, key, lr, ep, images, targets):
+      tx = optax.adam(lr) if agg is None else optax.chain(agg, optax.adam(lr))
+      n = images.shape[0]
+      steps = n // bs
+      perm = jax.random.permutation(key, n)[:steps * bs].reshape(steps, bs)
+      (params, opt_state), (losses, w, inter) = jax.lax.scan(
+          lambda c, i: body(tx, ep, c, i, images, targets), (params, opt_state), perm)
+      return params, opt_state, {"loss": losses.mean(0), "weights": w.mean(0),
+                                 "interference": inter.mean(), "finite": jnp.all(jnp.isfinite(losses))}
+
+    def evaluate(params, images, targets):
+      n = images.shape[0]
+      chunk = max(d for d in range(1, min(n, 500) + 1) if n % d == 0)
+      k = n // chunk
+      imgs = images.reshape(k, chunk, *images.shape[1:])
+      tg = tuple(t.reshape(k, chunk, *t.shape[1:]) for t in targets)
+      vals = jax.lax.map(lambda xs: model.task_metrics(params, {"images": xs[0], "targets": xs[1]}),
+                         (imgs, tg))
+      return vals.mean(0)
+
+    self.epoch_fn = jax.jit(epoch, donate_argnums=(0, 1))
+    # Evaluation depends only on the model: one compiled function per model.
+    self.eval_fn = _EVAL_CACHE.setdefault(model, jax.jit(evaluate))
+
+  def init(self, seed):
+    params = self.model.init(jax.random.key(seed))
+    # The learning rate is not part of the state.
+    tx = optax.adam(1e-3) if self.agg is None else optax.chain(self.agg, optax.adam(1e-3))
+    return params, tx.init(params)
+
+
+def _device_split(split: Split, task_ids):
+  return jnp.asarray(split.images), tuple(jnp.asarray(split.targets[i]) for i in task_ids)
+
+
+@dataclasses.dataclass
+class RunResult:
+  val: list            # per epoch (m,) validation metrics
+  test: list           # per epoch (m,) test metrics
+  weights: list        # per epoch (m,) mean task weights (zeros if not weighted)
+  interference: list   # per epoch mean interference
+  loss: list           # per epoch (m,) mean training losses
+  best_epoch: int = -1
+  best_score: float = -math.inf
+  seconds: float = 0.0
+  diverged: bool = False
+
+  def best_test(self):
+    return self.test[self.best_epoch]
+
+  def best_val(self):
+    return self.val[self.best_epoch]
+
+
+def train_run(trainer: Trainer, data_dev, *, lr: float, seed: int, epochs: int,
+              score: Callable[[np.ndarray], float], progress=None) -> RunResult:
+  """Trains one run; selects the best epoch by ``score(val_metrics)`` (higher is better)."""
+  t0 = time.perf_counter()
+  params, opt_state = trainer.init(seed)
+  key = jax.random.key(10_000 + seed)
+  res = RunResult([], [], [], [], [])
+  tr_img, tr_tg = data_dev["train"]
+  for e in range(epochs):
+    key, sub = jax.random.split(key)
+    params, opt_state, stats = trainer.epoch_fn(params, opt_state, sub, jnp.float32(lr),
+                                                jnp.int32(e), tr_img, tr_tg)
+    val = np.asarray(trainer.eval_fn(params, *data_dev["val"]), np.float64)
+    test = np.asarray(trainer.eval_fn(params, *data_dev["test"]), np.float64)
+    res.val.append(val.tolist())
+    res.test.append(test.tolist())
+    res.weights.append(np.asarray(stats["weights"], np.float64).tolist())
+    res.interference.append(float(stats["interference"]))
+    res.loss.append(np.asarray(stats["loss"], np.float64).tolist())
+    s = score(val)
+    if not bool(stats["finite"]) or not np.all(np.isfinite(val)):
+      res.diverged = True
+      s = -math.inf
+    if s > res.best_score or res.best_epoch < 0:
+      res.best_score, res.best_epoch = s, e
+    if progress is not None:
+      progress.update(1)
+    if res.diverged:
+      break
+  res.seconds = time.perf_counter() - t0
+  return res
+
+
+# ---------------------------------------------------------------------------
+# The benchmark.
+# ---------------------------------------------------------------------------
+
+def _dm(values, baselines, dirs, per_task=False):
+  v = {i: float(x) for i, x in enumerate(values)}
+  b = {i: float(x) for i, x in enumerate(baselines)}
+  lib = {i: d[1] for i, d in enumerate(dirs)}
+  return metrics.delta_m(v, b, lib, per_task=per_task)
+
+
+class Benchmark:
+  """Runs the whole protocol for one task pair; results in ``self.results``."""
+
+  def __init__(self, args):
+    self.args = args
+    self.task = args.tasks
+    self.kinds = models.TASK_KINDS[self.task]
+    self.m = len(self.kinds)
+    self.dirs = _task_metric_dirs(self.kinds)
+    self.names = TASK_NAMES[self.task]
+    t0 = time.perf_counter()
+    self.data = load_data(self.task, args.n_train, args.n_val, args.n_test, seed=args.data_seed)
+    self.data_time = time.perf_counter() - t0
+    self.trainers = {}
+    self.results = {"methods": {}, "stl": {}}
+    self.stl_val = None
+    self.stl_test = None
+    try:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      self._tqdm = tqdm
+    except ImportError:  # pragma: no cover
+      self._tqdm = None
+
+  # -- helpers ---------------------------------------------------------------
+
+  def _trainer(self, key, model, agg_fn, flat=False, weighted=True):
+    if key not in self.trainers:
+      agg = agg_fn()
+      self.trainers[key] = Trainer(model, agg, flat, weighted, self.args.batch_size,
+                                   self.args.rho, self.args.adaptive, self.args.sam_norm)
+    return self.trainers[key]
+
+  def _pbar(self, total, desc):
+    if self._tqdm is None or self.args.no_progress:
+      return None
+    return self._tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+  def _data_dev(self, task_ids):
+    return {s: _device_split(self.data[s], task_ids) for s in ("train", "val", "test")}
+
+  def _mtl_score(self, val):
+    return _dm(val, self.stl_val, self.dirs)
+
+  def _protocol(self, name, trainer, data_dev, score, lrs, seeds):
+    """lr selected on seed 0's validation score; other seeds at the chosen lr."""
+    a = self.args
+    total = a.epochs * (len(lrs) + len(seeds) - 1)
+    bar = self._pbar(total, f"{name}")
+    by_lr = {}
+    for lr in lrs:
+      by_lr[lr] = train_run(trainer, data_dev, lr=lr, seed=seeds[0], epochs=a.epochs,
+                            score=score, progress=bar)
+    best_lr = max(lrs, key=lambda lr: by_lr[lr].best_score)
+    runs = [by_lr[best_lr]]
+    for s in seeds[1:]:
+      runs.append(train_run(trainer, data_dev, lr=best_lr, seed=s, epochs=a.epochs,
+                            score=score, progress=bar))
+    if bar is not None:
+      bar.close()
+    grid = {str(lr): r.best_score for lr, r in by_lr.items()}
+    return best_lr, runs, grid
+
+  # -- stages ----------------------------------------------------------------
+
+  def run_stl(self):
+    a = self.args
+    vals, tests = [], []
+    for i, kind in enumerate(self.kinds):
+      model = models.MultiTaskModel(tasks=(kind,), encoder=a.encoder)
+      tr = self._trainer(("stl", kind), model, lambda: None, weighted=False)
+      lower = self.dirs[i][1]
+      score = (lambda v: -float(v[0])) if lower else (lambda v: float(v[0]))
+      lr, runs, grid = self._protocol(f"STL {self.names[i]}", tr, self._data_dev((i,)), score,
+                                      a.lrs, a.seed_list)
+      test = [r.best_test()[0] for r in runs]
+      val = [r.best_val()[0] for r in runs]
+      self.results["stl"][self.names[i]] = {
+          "lr": lr, "lr_grid_val": grid, "test": test, "val": val,
+          "test_mean": float(np.mean(test)), "test_std": float(np.std(test)),
+          "seconds": float(sum(r.seconds for r in runs))}
+      vals.append(float(np.mean(val)))
+      tests.append(float(np.mean(test)))
+    self.stl_val = np.array(vals)
+    self.stl_test = np.array(tests)
+
+  def _record(self, name, lr, runs, grid, extra=None):
+    tests = np.array([r.best_test() for r in runs])
+    dms, per = [], []
+    for t in tests:
+      d, pt = _dm(t, self.stl_test, self.dirs, per_task=True)
+      dms.append(d)
+      per.append([pt[i] for i in range(self.m)])
+    per = np.array(per)
+    entry = {
+        "label": extra.pop("label", name) if extra else name,
+        "lr": lr, "lr_grid_val": grid,
+        "test": tests.tolist(),
+        "test_mean": tests.mean(0).tolist(), "test_std": tests.std(0).tolist(),
+        "delta_m": dms, "delta_m_mean": float(np.mean(dms)), "delta_m_std": float(np.std(dms)),
+        "delta_task_mean": per.mean(0).tolist(), "delta_task_std": per.std(0).tolist(),
+        "best_epoch": [r.best_epoch for r in runs],
+        "weights": [r.weights for r in runs],
+        "interference": [r.interference for r in runs],
+        "train_loss": [r.loss for r in runs],
+        "val_curve": [r.val for r in runs],
+        "diverged": [r.diverged for r in runs],
+        "seconds": float(sum(r.seconds for r in runs)),
+    }
+    if extra:
+      entry.update(extra)
+    self.results["methods"][name] = entry
+    return entry
+
+  def run_method(self, name):
+    a = self.args
+    model = models.make_model(self.task, encoder=a.encoder)
+    _, meta = registry.build(name, num_tasks=self.m, task_specific=heads_mask)
+    tr = self._trainer(("m", name), model,
+                       lambda: registry.build(name, num_tasks=self.m, task_specific=heads_mask)[0],
+                       flat=meta["flat"], weighted=meta["weighted"])
+    lr, runs, grid = self._protocol(registry.label(name), tr, self._data_dev(range(self.m)),
+                                    self._mtl_score, a.lrs, a.seed_list)
+    return self._record(name, lr, runs, grid, dict(label=registry.label(name), **meta))
+
+  def run_ls_tuned(self):
+    """Linear scalarisation (w, 1-w), w selected on validation (seed 0)."""
+    a = self.args
+    if self.m != 2:
+      return None
+    lr = self.results["methods"].get("mean", {}).get("lr", a.lrs[0])
+    model = models.make_model(self.task, encoder=a.encoder)
+    dev = self._data_dev(range(self.m))
+    best = None
+    grid = {}
+    for w in a.ls_grid:
+      ws = (w, 1.0 - w)
+      tr = self._trainer(("ls", ws), model, lambda ws=ws: registry.fixed(
+          ws, num_tasks=self.m, task_specific=heads_mask), weighted=False)
+      bar = self._pbar(a.epochs, f"LS w={w:g}")
+      r = train_run(tr, dev, lr=lr, seed=a.seed_list[0], epochs=a.epochs, score=self._mtl_score,
+                    progress=bar)
+      if bar is not None:
+        bar.close()
+      grid[str(w)] = r.best_score
+      if best is None or r.best_score > best[1].best_score:
+        best = (ws, r, tr)
+    ws, r0, tr = best
+    runs = [r0]
+    bar = self._pbar(a.epochs * (len(a.seed_list) - 1), f"LS w={ws[0]:g} seeds")
+    for s in a.seed_list[1:]:
+      runs.append(train_run(tr, dev, lr=lr, seed=s, epochs=a.epochs, score=self._mtl_score,
+                            progress=bar))
+    if bar is not None:
+      bar.close()
+    return self._record("ls_tuned", lr, runs, {str(lr): r0.best_score},
+                        dict(label=f"LS tuned (w={ws[0]:g})", fixed_weights=list(ws),
+                             ls_grid_val=grid))
+
+  def run_fixed_from(self, source):
+    """Re-train with the EMA(β=0.9) of ``source``'s per-epoch mean weights, per seed."""
+    a = self.args
+    src = self.results["methods"].get(source)
+    if src is None or not src.get("weighted", False):
+      return None
+    model = models.make_model(self.task, encoder=a.encoder)
+    dev = self._data_dev(range(self.m))
+    runs, used = [], []
+    bar = self._pbar(a.epochs * len(a.seed_list), f"fixed({source})")
+    for s, hist in zip(a.seed_list, src["weights"]):
+      w = metrics.fixed_weights(np.asarray(hist), beta=0.9, normalize=True)
+      w = np.round(w, 4)
+      used.append(w.tolist())
+      tr = self._trainer(("ls", tuple(w.tolist())), model, lambda w=w: registry.fixed(
+          w, num_tasks=self.m, task_specific=heads_mask), weighted=False)
+      runs.append(train_run(tr, dev, lr=src["lr"], seed=s, epochs=a.epochs,
+                            score=self._mtl_score, progress=bar))
+    if bar is not None:
+      bar.close()
+    return self._record(f"fixed_{source}", src["lr"], runs, {},
+                        dict(label=f"Fixed w from {registry.label(source)}", fixed_weights=used,
+                             source=source))
+
+  def run(self):
+    a = self.args
+    t0 = time.perf_counter()
+    self.run_stl()
+    for name in a.method_list:
+      try:
+        t1 = time.perf_counter()
+        entry = self.run_method(name)
+        print(f"[multimnist] {name}: Δm% = {entry['delta_m_mean']:.2f} ± "
+              f"{entry['delta_m_std']:.2f} (lr {entry['lr']:g}, "
+              f"{time.perf_counter() - t1:.0f} s)", file=sys.stderr, flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        if a.strict:
+          raise
+        print(f"[multimnist] {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        self.results["methods"][name] = {"error": f"{type(e).__name__}: {e}",
+                                         "label": registry.label(name)}
+    if a.ls_grid:
+      self.run_ls_tuned()
+    for src in a.fixed_list:
+      if src in self.results["methods"] and "error" not in self.results["methods"][src]:
+        self.run_fixed_from(src)
+    ok = {k: v for k, v in self.results["methods"].items() if "error" not in v}
+    if len(ok) >= 2:
+      table = {k: {self.names[i]: v["test_mean"][i] for i in range(self.m)} for k, v in ok.items()}
+      mr = metrics.mean_rank(table, {self.names[i]: self.dirs[i][1] for i in range(self.m)})
+      for k, r in mr.items():
+        self.results["methods"][k]["mean_rank"] = r
+    self.results["config"] = {
+        k: v for k, v in vars(a).items() if k not in ("method_list", "fixed_list", "seed_list")}
+    self.results["config"].update(
+        methods=a.method_list, seeds=a.seed_list, fixed_from=a.fixed_list,
+        task_names=list(self.names), metric_names=[d[0] for d in self.dirs],
+        lower_is_better=[d[1] for d in self.dirs])
+    self.results["env"] = {"jax": jax.__version__, "python": platform.python_version(),
+                           "backend": jax.default_backend(),
+                           "devices": [str(d) for d in jax.devices()],
+                           "machine": platform.machine()}
+    self.results["stl_test"] = self.stl_test.tolist()
+    self.results["total_seconds"] = time.perf_counter() - t0 + self.data_time
+    return self.results
+
+
+# ---------------------------------------------------------------------------
+# Reporting.
+# ---------------------------------------------------------------------------
+
+def format_table(results) -> str:
+  cfg = results["config"]
+  names = cfg["task_names"]
+  mnames = cfg["metric_names"]
+  lines = []
+  hdr = (f"{'method':<28}" + "".join(f"{n + ' ' + mn:>16}" for n, mn in zip(names, mnames))
+         + "".join(f"{'Δ' + n + '%':>10}" for n in names)
+         + f"{'Δm% ± std':>18}{'MR':>6}{'interf.':>8}{'w (last ep.)':>16}{'lr':>8}")
+  lines.append(hdr)
+  lines.append("-" * len(hdr))
+  row = f"{'STL':<28}"
+  for n in names:
+    s = results["stl"][n]
+    row += f"{s['test_mean']:>9.4f}±{s['test_std']:<6.4f}"
+  lines.append(row)
+  rows = [(k, v) for k, v in results["methods"].items() if "error" not in v]
+  rows.sort(key=lambda kv: -kv[1]["delta_m_mean"])
+  for k, v in rows:
+    row = f"{v['label'][:27]:<28}"
+    for i in range(len(names)):
+      row += f"{v['test_mean'][i]:>9.4f}±{v['test_std'][i]:<6.4f}"
+    for i in range(len(names)):
+      row += f"{v['delta_task_mean'][i]:>10.2f}"
+    row += f"{v['delta_m_mean']:>10.2f} ± {v['delta_m_std']:<5.2f}"
+    row += f"{v.get('mean_rank', float('nan')):>6.2f}"
+    inter = np.mean([np.mean(x) for x in v["interference"]])
+    row += f"{inter:>8.3f}"
+    if v.get("weighted", False) or "fixed_weights" in v:
+      w = np.mean([h[-1] for h in v["weights"]], axis=0) if v.get("weighted") else \
+          np.asarray(v["fixed_weights"]).reshape(-1, len(names)).mean(0)
+      row += f"{'(' + ', '.join(f'{x:.2f}' for x in w) + ')':>16}"
+    else:
+      row += f"{'-':>16}"
+    row += f"{v['lr']:>8.0e}"
+    lines.append(row)
+  for k, v in results["methods"].items():
+    if "error" in v:
+      lines.append(f"{v['label'][:27]:<28}FAILED: {v['error'][:100]}")
+  return "\n".join(lines)
+
+
+def plot(results, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [(k, v) for k, v in results["methods"].items() if "error" not in v]
+  rows.sort(key=lambda kv: -kv[1]["delta_m_mean"])
+  fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+  ax = axes[0]
+  labels = [v["label"] for _, v in rows]
+  means = [v["delta_m_mean"] for _, v in rows]
+  stds = [v["delta_m_std"] for _, v in rows]
+  colors = ["tab:gray" if k in ("mean", "ls_tuned") or k.startswith("fixed_") else
+            ("tab:red" if k.startswith("f_") else "tab:blue") for k, _ in rows]
+  ax.barh(range(len(rows)), means, xerr=stds, color=colors, capsize=3)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels(labels, fontsize=8)
+  ax.invert_yaxis()
+  ax.axvline(0, color="k", lw=0.8)
+  ax.set_xlabel("Δm% vs STL (test, mean ± std over seeds; higher is better)")
+  ax.set_title(f"multi-MNIST {results['config']['tasks']}")
+  ax = axes[1]
+  for k, v in rows:
+    if v.get("weighted") and not k.startswith("fixed_"):
+      w = np.asarray(v["weights"], np.float64)          # (seeds, epochs, m)
+      share = w[..., 0] / np.where(w.sum(-1) == 0, 1, w.sum(-1))
+      ax.plot(np.arange(1, share.shape[1] + 1), share.mean(0), marker=".", label=v["label"])
+  ax.axhline(0.5, color="k", lw=0.8, ls="--")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel(f"w_{results['config']['task_names'][0]} / Σw (epoch mean)")
+  ax.set_title("task weights over training")
+  ax.legend(fontsize=7)
+  ax = axes[2]
+  for k, v in rows:
+    if k.startswith("fixed_"):
+      continue
+    it = np.asarray(v["interference"], np.float64)
+    ax.plot(np.arange(1, it.shape[1] + 1), it.mean(0), marker=".", label=v["label"])
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("mean cos(g_i, ḡ) (shared params)")
+  ax.set_title("interference over training")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# CLI.
+# ---------------------------------------------------------------------------
+
+QUICK = dict(n_train=512, n_val=256, n_test=256, epochs=2, seeds=1, lrs="1e-3",
+             batch_size=128, ls_grid="0.3,0.7", encoder="mlp")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--tasks", default="CL_RR", choices=sorted(models.TASK_KINDS))
+  p.add_argument("--methods", default="mean,cagrad",
+                 help="comma list; 'all' = every available method; 'flat' = the f_ variants "
+                      "of " + ",".join(registry.FLAT_PAIRS) + "; 'pairs' = those and their "
+                      "vanilla versions; f_<name> = flat variant")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--epochs", type=int, default=10)
+  p.add_argument("--lrs", default="1e-3,3e-3", help="learning-rate grid (Adam)")
+  p.add_argument("--batch-size", type=int, default=256)
+  p.add_argument("--n-train", type=int, default=20000)
+  p.add_argument("--n-val", type=int, default=2000)
+  p.add_argument("--n-test", type=int, default=4000)
+  p.add_argument("--data-seed", type=int, default=0)
+  p.add_argument("--encoder", default="lenet", choices=models.ENCODERS)
+  p.add_argument("--ls-grid", default="0.25,0.5,0.75",
+                 help="weights w of the tuned linear scalarisation (w, 1-w); '' to skip")
+  p.add_argument("--fixed-from", default="cagrad",
+                 help="methods whose EMA weights are re-trained as fixed weights ('' = none)")
+  p.add_argument("--rho", type=float, default=2.0,
+                 help="SAM radius of the flat variants (FS-MTL multi-MNIST: adaptive, 2.0)")
+  p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                 help="adaptive SAM (ASAM) for the flat variants (default on, as FS-MTL)")
+  p.add_argument("--sam-norm", default="joint", choices=("joint", "separate"),
+                 help="one SAM norm over shared+head leaves (FS-MTL multi-MNIST) or separate")
+  p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests/CI)")
+  p.add_argument("--tag", default=None, help="suffix of the result files")
+  p.add_argument("--out-dir", default=RESULTS_DIR)
+  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--strict", action="store_true", help="stop on the first failing method")
+  args = p.parse_args(argv)
+  if args.quick:
+    defaults = {a.dest: a.default for a in p._actions}  # pylint: disable=protected-access
+    for k, v in QUICK.items():
+      if getattr(args, k) == defaults[k]:
+        setattr(args, k, v)
+  args.lrs = [float(x) for x in str(args.lrs).split(",") if x]
+  args.ls_grid = [float(x) for x in str(args.ls_grid).split(",") if x]
+  args.method_list = registry.resolve(args.methods)
+  args.fixed_list = [x for x in args.fixed_from.split(",") if x and x in args.method_list]
+  args.seed_list = list(range(args.seeds))
+  if args.tag is None:
+    args.tag = ("quick" if args.quick else f"{args.encoder}_e{args.epochs}_s{args.seeds}")
+  return args
+
+
+def merge(paths, out_stem):
+  """Merges result files of one task pair run in parallel with disjoint method lists.
+
+  The STL baselines of the first file are kept (same seeds and data: identical),
+  Δm% is recomputed against them and the mean rank over the union.
+  """
+  parts = []
+  for pth in paths:
+    with open(pth) as f:
+      parts.append(json.load(f))
+  res = parts[0]
+  for other in parts[1:]:
+    if other["config"]["tasks"] != res["config"]["tasks"]:
+      raise ValueError("merge: different task pairs")
+    res["methods"].update(other["methods"])
+    res["config"]["methods"] = res["config"]["methods"] + other["config"]["methods"]
+    res["total_seconds"] += other["total_seconds"]
+  cfg = res["config"]
+  dirs = [(n, l) for n, l in zip(cfg["metric_names"], cfg["lower_is_better"])]
+  names = cfg["task_names"]
+  stl = np.asarray(res["stl_test"])
+  ok = {k: v for k, v in res["methods"].items() if "error" not in v}
+  for v in ok.values():
+    per = [_dm(t, stl, dirs, per_task=True) for t in v["test"]]
+    v["delta_m"] = [d for d, _ in per]
+    v["delta_m_mean"], v["delta_m_std"] = float(np.mean(v["delta_m"])), float(np.std(v["delta_m"]))
+    pt = np.array([[p[i] for i in range(len(names))] for _, p in per])
+    v["delta_task_mean"], v["delta_task_std"] = pt.mean(0).tolist(), pt.std(0).tolist()
+  table = {k: {names[i]: v["test_mean"][i] for i in range(len(names))} for k, v in ok.items()}
+  for k, r in metrics.mean_rank(table, {names[i]: dirs[i][1] for i in range(len(names))}).items():
+    res["methods"][k]["mean_rank"] = r
+  res["merged_from"] = list(paths)
+  with open(out_stem + ".json", "w") as f:
+    json.dump(res, f, indent=1)
+  plot(res, out_stem + ".png")
+  print(format_table(res))
+  return res
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "merge":   # python -m benchmarks.multimnist merge OUT_STEM A.json B.json
+    return merge(argv[2:], argv[1])
+  args = parse_args(argv)
+  print(f"[multimnist] tasks={args.tasks} encoder={args.encoder} methods={args.method_list} "
+        f"seeds={args.seeds} epochs={args.epochs} lrs={args.lrs} n_train={args.n_train}",
+        file=sys.stderr)
+  bench = Benchmark(args)
+  results = bench.run()
+  table = format_table(results)
+  print(table)
+  print(f"[{results['total_seconds']:.0f} s total]")
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, f"multimnist_{args.tasks}_{args.tag}")
+  with open(stem + ".json", "w") as f:
+    json.dump(results, f, indent=1)
+  if not args.no_plot:
+    plot(results, stem + ".png")
+  print(f"results: {stem}.json" + ("" if args.no_plot else f", {stem}.png"))
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,195 @@
+"""The methods the benchmarks run: one line per method, discovered at run time.
+
+Every entry maps a benchmark name to ``Spec(factory, kwargs)``: ``factory`` is the
+public name in ``mtl_optax`` and ``kwargs`` the hyper-parameters we use (the
+papers' defaults unless stated). A method whose factory does not exist yet in
+the installed ``mtl_optax`` is skipped silently, so the harness always runs
+every method that exists. Public aggregator factories that are not listed here
+are discovered automatically (built with their defaults) unless they are in
+``EXCLUDED``.
+
+Whether a method needs ``losses=`` and whether it is stochastic (takes
+``seed=``) is read from the library (``mo.aggregator_info`` and the factory's
+signature), not repeated here.
+
+Flat (sharpness-aware) variants: the name ``f_<method>`` (e.g. ``f_cagrad``)
+wraps the aggregator in ``mo.flat`` and trains with
+``mo.sharpness_aware_task_grads`` (only when ``mo.flat`` exists).
+
+Adding a method: one line in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Optional
+
+import mtl_optax as mo
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  factory: str
+  kwargs: tuple = ()            # ((name, value), ...) -- hashable
+  label: Optional[str] = None   # display name (defaults to the benchmark name)
+  gradient_based: bool = True   # False for loss weightings (still run in the benchmarks)
+
+
+def _s(factory, label=None, gradient_based=True, **kwargs):
+  return Spec(factory, tuple(sorted(kwargs.items())), label, gradient_based)
+
+
+# name → Spec. Order = display order.
+REGISTRY: dict[str, Spec] = {
+    # fixed and loss-based weightings
+    "mean": _s("mean", "Uniform loss", gradient_based=False),
+    "uncertainty_weighting": _s("uncertainty_weighting", "UW", gradient_based=False),
+    "dwa": _s("dwa", "DWA", gradient_based=False),
+    "random_loss_weighting": _s("random_loss_weighting", "RLW", gradient_based=False),
+    "scale_invariant": _s("scale_invariant", "SI", gradient_based=False),
+    "geometric_loss": _s("geometric_loss", "GLS", gradient_based=False),
+    "famo": _s("famo", "FAMO", gradient_based=False),
+    "stch": _s("stch", "STCH", gradient_based=False),
+    "gradnorm": _s("gradnorm", "GradNorm"),
+    # gradient aggregators
+    "mgda": _s("mgda", "MGDA"),
+    "pcgrad": _s("pcgrad", "PCGrad"),
+    "gradvac": _s("gradvac", "GradVac"),
+    "graddrop": _s("graddrop", "GradDrop"),
+    "cagrad": _s("cagrad", "CAGrad", c=0.4),
+    "imtl": _s("imtl", "IMTL"),
+    "nash_mtl": _s("nash_mtl", "Nash-MTL"),
+    "fairgrad": _s("fairgrad", "FairGrad"),
+    "aligned_mtl": _s("aligned_mtl", "Aligned-MTL"),
+    "upgrad": _s("upgrad", "UPGrad"),
+    "dualproj": _s("dualproj", "DualProj"),
+    "config": _s("config", "ConFIG"),
+    "edm": _s("edm", "EDM"),
+    "cdtt": _s("cdtt", "CDTT"),
+    "moco": _s("moco", "MoCo"),
+    "db_mtl": _s("db_mtl", "DB-MTL"),
+    "excess_mtl": _s("excess_mtl", "ExcessMTL"),
+}
+
+# Public factories the generic harness does not run: they need a weight vector
+# (linear_scalarization has its own tuned baseline), another aggregator, extra
+# batches or a model change, or they are not meaningful with two tasks.
+EXCLUDED = {
+    "sum", "linear_scalarization", "flat", "task_perturbation", "sharpness_aware_task_grads",
+    "rotograd", "auto_lambda", "sdmgrad", "modo", "krum", "trimmed_mean",
+    "make_aggregator", "make_train_step", "make_nnx_train_step", "task_grads",
+    "representation_grads", "representation_update", "aggregator_info", "diagnostics",
+    "task_weights", "multi_batch_task_grads", "rotograd_rotation_loss", "rotograd_rotations",
+    "rotograd_update",
+}
+
+# The flat-vs-vanilla comparison of Phan et al. (Table 1).
+FLAT_PAIRS = ("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "fairgrad")
+
+
+def _discover() -> dict[str, Spec]:
+  """Public aggregator factories of mtl_optax not in REGISTRY (built with defaults)."""
+  found = {}
+  known = {s.factory for s in REGISTRY.values()}
+  for name in sorted(dir(mo)):
+    if name.startswith("_") or name in EXCLUDED or name in known or name in REGISTRY:
+      continue
+    fn = getattr(mo, name)
+    if not inspect.isfunction(fn):
+      continue
+    try:
+      tx = fn(num_tasks=2)
+      mo.aggregator_info(tx)
+    except Exception:  # not an aggregator, or needs arguments: not for the generic harness
+      continue
+    found[name] = Spec(name, (), name)
+  return found
+
+
+def available(include_discovered: bool = True) -> dict[str, Spec]:
+  """Every registered method whose factory exists in the installed mtl_optax."""
+  out = {k: v for k, v in REGISTRY.items() if hasattr(mo, v.factory)}
+  if include_discovered:
+    out.update(_discover())
+  return out
+
+
+def has_flat() -> bool:
+  return hasattr(mo, "flat") and hasattr(mo, "sharpness_aware_task_grads")
+
+
+def label(name: str) -> str:
+  if name.startswith("f_"):
+    return "F-" + label(name[2:])
+  spec = available().get(name)
+  return (spec.label or name) if spec else name
+
+
+def resolve(names: str, *, gradient_only: bool = False) -> list[str]:
+  """Parses ``--methods``: comma list; ``all`` = every available method; ``flat`` =
+  the f_ variants of FLAT_PAIRS present; unknown/unavailable names raise."""
+  avail = available()
+  out = []
+  for raw in [n.strip() for n in names.split(",") if n.strip()]:
+    if raw == "all":
+      out += [n for n, s in avail.items() if s.gradient_based or not gradient_only]
+    elif raw == "flat":
+      if has_flat():
+        out += [f"f_{n}" for n in FLAT_PAIRS if n in avail]
+    elif raw == "pairs":
+      out += [n for n in FLAT_PAIRS if n in avail]
+      if has_flat():
+        out += [f"f_{n}" for n in FLAT_PAIRS if n in avail]
+    else:
+      base_name = raw[2:] if raw.startswith("f_") else raw
+      if base_name not in avail:
+        raise ValueError(f"unknown or unavailable method {raw!r}; available: {sorted(avail)}")
+      if raw.startswith("f_") and not has_flat():
+        raise ValueError(f"{raw}: mo.flat / mo.sharpness_aware_task_grads are not available yet.")
+      out.append(raw)
+  seen = set()
+  return [n for n in out if not (n in seen or seen.add(n))]
+
+
+def build(name: str, *, num_tasks: int, task_specific=None, seed: int = 0,
+          overrides: Optional[dict] = None):
+  """The aggregator for benchmark method ``name``.
+
+  Args:
+    overrides: ``{method: {kwarg: value}}`` replacing registry hyper-parameters
+    (e.g. the toy problem's CAGrad settings).
+
+  Returns:
+    ``(tx, info)``: the optax transformation (``mo.flat``-wrapped for ``f_``
+    names) and a dict ``{"flat", "weighted", "needs_losses", "stochastic"}``.
+  """
+  flat = name.startswith("f_")
+  base_name = name[2:] if flat else name
+  spec = available()[base_name]
+  fn = getattr(mo, spec.factory)
+  kwargs = dict(spec.kwargs)
+  kwargs.update((overrides or {}).get(base_name, {}))
+  params = inspect.signature(fn).parameters
+  if "seed" in params:
+    kwargs["seed"] = seed
+  if "task_specific" in params:
+    kwargs["task_specific"] = task_specific
+  if "num_tasks" in params:
+    kwargs["num_tasks"] = num_tasks
+  tx = fn(**kwargs)
+  info = mo.aggregator_info(tx)
+  meta = {"flat": flat, "weighted": bool(info.weighted), "needs_losses": bool(info.needs_losses),
+          "stochastic": bool(info.stochastic)}
+  if flat:
+    flat_params = inspect.signature(mo.flat).parameters
+    fkw = {k: v for k, v in (("task_specific", task_specific), ("num_tasks", num_tasks))
+           if k in flat_params}
+    tx = mo.flat(tx, **fkw)
+  return tx, meta
+
+
+def fixed(weights, *, num_tasks: int, task_specific=None):
+  """``mo.linear_scalarization`` with the given weights (a fixed-weight baseline)."""
+  return mo.linear_scalarization(list(map(float, weights)), task_specific=task_specific,
+                                 num_tasks=num_tasks)

@@ -1,0 +1,425 @@
+"""Sharpness-aware multi-task learning: per-task perturbations and SAM gradients.
+
+Phan et al. (ICCV 2025) apply sharpness-aware minimisation (SAM; Foret et al.,
+ICLR 2021) to every task separately. For task i with loss gradient g_i (shared
+part g_sh^i, head part g_ns^i) the worst-case offset inside a ball is
+
+    ε_sh^i = ρ_sh · T² g_sh^i / ‖T g_sh^i‖,   ε_ns^i = ρ_ns · T² g_ns^i / ‖T g_ns^i‖,
+
+(T = 1, or T = |θ| for the adaptive / ASAM variant of Kwon et al., ICML 2021),
+and the task's SAM gradient is taken at its own perturbed point,
+g_i^SAM = ∇L_i(θ + ε_i). This module provides
+
+* :func:`task_perturbation` — the optax transformation stacked loss gradients
+  (and params) → stacked offsets ε (one per task);
+* :func:`sharpness_aware_task_grads` — losses, loss gradients at θ and the SAM
+  gradients at θ + ε_i, the latter for all tasks in ONE vmapped call (task i
+  evaluates only its own loss at its own point: m forward + backward passes,
+  not m²);
+* :func:`sharpness` — the sharpness measure L_i(θ + ε_i) − L_i(θ) per task for
+  several radii (the evaluation of the FS-MTL code).
+
+The SAM gradients feed :func:`mtl_optax.flat`, which turns any aggregator into
+its flat (F-) version::
+
+    perturb = mo.task_perturbation(rho_shared=0.05, rho_task=0.05)
+    tx = optax.chain(mo.flat(mo.cagrad(), task_specific=is_head), optax.adam(1e-3))
+    losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, batch,
+                                                       perturbation=perturb)
+    updates, state = tx.update(grads, state, params, losses=losses, sam_grads=sam)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax._src import base
+from mtl_optax._src import linalg
+from mtl_optax._src import task_grads as task_grads_lib
+
+PyTree = Any
+
+NORMS = ("separate", "joint")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbationInfo:
+  """Static hyper-parameters of a :func:`task_perturbation` (attached to its ``update``)."""
+  rho_shared: float
+  rho_task: float
+  adaptive: bool
+  norm: str
+  eps: float
+
+  @property
+  def is_zero(self) -> bool:
+    """Whether every offset is identically zero (ρ_sh = ρ_ns = 0)."""
+    return self.rho_shared == 0 and self.rho_task == 0
+
+
+def _check_rho(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+      value >= 0 and value != float("inf")):
+    raise ValueError(
+        f"task_perturbation: {name} must be a finite non-negative number (the radius of "
+        f"the perturbation ball), got {value!r}.")
+  return float(value)
+
+
+def _group_norms(leaves: Sequence[jax.Array], m: int, dtype) -> jax.Array:
+  """Per-task Euclidean norm over a group of stacked leaves, ``(m,)``, overflow-safe.
+
+  Rows are divided by a power of two close to their largest entry before
+  squaring (exact), so gradients up to the dtype's maximum neither overflow
+  nor underflow in the sum of squares.
+  """
+  if not leaves:
+    return jnp.zeros((m,), dtype)
+  scale = linalg.power_of_two_scale(linalg.rows_max_abs(leaves)).astype(dtype)
+  total = jnp.zeros((m,), dtype)
+  for leaf in leaves:
+    rows = leaf.reshape(m, -1).astype(dtype) / scale[:, None]
+    total = total + jnp.sum(rows * rows, axis=1)
+  return jnp.sqrt(total) * scale
+
+
+def task_perturbation(
+    rho_shared: float = 0.05,
+    rho_task: float = 0.05,
+    adaptive: bool = False,
+    task_specific=None,
+    eps: float = 1e-12,
+    *,
+    norm: str = "separate",
+) -> optax.GradientTransformationExtraArgs:
+  """Per-task SAM offsets ε_i from stacked per-task gradients.
+
+  For every task i (row i of each stacked leaf), with T = |θ| if ``adaptive``
+  else 1 (elementwise),
+
+      ε_sh^i = ρ_sh · T² g_sh^i / (‖T g_sh^i‖ + eps)     on the shared leaves,
+      ε_ns^i = ρ_ns · T² g_ns^i / (‖T g_ns^i‖ + eps)     on the task-specific leaves,
+
+  the norms being taken over all shared leaves of row i, and separately over
+  all task-specific leaves of row i (Phan et al., Algorithm 1; the FS-MTL
+  NYUv2/CelebA/Cityscapes code). A head leaf that task i's loss does not touch
+  has a zero gradient row, hence a zero offset: each task perturbs the shared
+  parameters and its own head only. Zero gradients give zero offsets (the
+  ``eps`` in the denominator, as in the reference SAM code).
+
+  ``norm="joint"`` takes ONE norm over the shared and task-specific leaves of
+  row i with radius ρ_sh (the FS-MTL multi-MNIST code, i.e. plain SAM applied
+  to each task's loss over all of its parameters); it then requires
+  ``rho_task == rho_shared``.
+
+  The transformation is stateless: ``update(grads, state, params)`` returns
+  ``(offsets, state)``, where ``offsets`` has the stacked structure of
+  ``grads`` (row i = ε_i) in the gradients' dtype.
+
+  Args:
+    rho_shared: radius ρ_sh for the shared parameters (default 0.05; the
+      FS-MTL multi-MNIST runs use adaptive with ρ = 2). Must be ≥ 0.
+    rho_task: radius ρ_ns for the task-specific parameters (default 0.05).
+    adaptive: scale by T = |θ| (ASAM, Kwon et al. 2021, without their η offset,
+      as in the FS-MTL code); ``update`` then needs ``params``.
+    task_specific: None (every leaf shared), a boolean mask pytree or
+      ``callable(path, leaf) -> bool`` marking the task-specific leaves (the
+      same convention as the aggregators).
+    eps: added to each norm (default 1e-12, as in the reference code).
+    norm: "separate" (default) or "joint" (see above).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update.mtl_perturbation``
+    is a :class:`PerturbationInfo`.
+
+  References:
+    Phan et al., "Beyond Losses Reweighting: Empowering Multi-Task Learning via
+    the Generalization Perspective", ICCV 2025 (arXiv 2211.13723);
+    Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021; Kwon et al., "ASAM: Adaptive Sharpness-Aware
+    Minimization", ICML 2021.
+  """
+  rho_shared = _check_rho("rho_shared", rho_shared)
+  rho_task = _check_rho("rho_task", rho_task)
+  if norm not in NORMS:
+    raise ValueError(f"task_perturbation: norm must be one of {NORMS}, got {norm!r}.")
+  if norm == "joint" and rho_task != rho_shared:
+    raise ValueError(
+        "task_perturbation: norm='joint' uses one radius for all of a task's parameters; "
+        f"pass rho_task=rho_shared (got rho_shared={rho_shared}, rho_task={rho_task}).")
+  if not isinstance(adaptive, bool):
+    raise ValueError(f"task_perturbation: adaptive must be a bool, got {adaptive!r}.")
+  base.check_nonnegative("task_perturbation", eps=eps)
+  info = PerturbationInfo(rho_shared, rho_task, adaptive, norm, float(eps))
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra):
+    del extra
+    m = base.num_tasks_of(updates, "task_perturbation")
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    if adaptive:
+      if params is None:
+        raise ValueError("task_perturbation(adaptive=True) needs the parameters: call "
+                         "update(grads, state, params).")
+      try:
+        p_leaves = treedef.flatten_up_to(params)
+      except (ValueError, TypeError) as e:
+        raise ValueError("task_perturbation: params must have the structure of the "
+                         f"gradients without the task axis: {e}") from None
+      for p, g in zip(p_leaves, leaves):
+        if jnp.shape(p) != g.shape[1:]:
+          raise ValueError(
+              f"task_perturbation: a parameter of shape {jnp.shape(p)} does not match its "
+              f"stacked gradient of shape {g.shape} (expected (m,) + param shape).")
+      scales = [jnp.abs(jnp.asarray(p)).astype(g.dtype) for p, g in zip(p_leaves, leaves)]
+    else:
+      scales = [None] * len(leaves)
+    heads = base.resolve_task_specific(task_specific, updates, params)
+    if norm == "joint":
+      heads = [False] * len(leaves)
+    acc = linalg.accumulation_dtype(jnp.result_type(*leaves))
+    # T g (for the norms) and T² g (the direction), per leaf.
+    tg = [g if t is None else g * t for g, t in zip(leaves, scales)]
+    t2g = [g if t is None else g * (t * t) for g, t in zip(leaves, scales)]
+    out = list(leaves)
+    for is_head, rho in ((False, rho_shared), (True, rho_task)):
+      idx = [k for k, h in enumerate(heads) if h == is_head]
+      if not idx:
+        continue
+      norms = _group_norms([tg[k] for k in idx], m, acc)
+      coef = linalg.safe_div(jnp.asarray(rho, acc), norms + jnp.asarray(eps, acc))  # (m,)
+      for k in idx:
+        c = coef.reshape((m,) + (1,) * (leaves[k].ndim - 1))
+        out[k] = (t2g[k].astype(acc) * c).astype(leaves[k].dtype)
+    return jax.tree_util.tree_unflatten(treedef, out), state
+
+  update_fn.mtl_perturbation = info
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def perturbation_info(perturbation) -> Optional[PerturbationInfo]:
+  """The :class:`PerturbationInfo` of a :func:`task_perturbation` (None for others)."""
+  return getattr(getattr(perturbation, "update", None), "mtl_perturbation", None)
+
+
+# ---------------------------------------------------------------------------
+# Per-task losses and gradients at per-task points.
+# ---------------------------------------------------------------------------
+
+def _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs):
+  """``(params, i) -> L_i(params)`` for a traced task index ``i``."""
+  if task_loss_fn is not None:
+    def f(p, i):
+      out = task_loss_fn(p, i, *args, **kwargs)
+      if jnp.ndim(out) != 0:
+        raise ValueError(
+            "task_loss_fn(params, task_index, *args) must return the scalar loss of task "
+            f"task_index; got shape {jnp.shape(out)}.")
+      return out
+    return f
+
+  def f(p, i):
+    out = loss_fn(p, *args, **kwargs)
+    losses = out[0] if has_aux else out  # aux of perturbed passes is discarded
+    return jax.lax.dynamic_index_in_dim(losses, i, keepdims=False)
+  return f
+
+
+def _map_over_tasks(fn, xs, m, chunk_size):
+  if chunk_size is None or chunk_size >= m:
+    return jax.vmap(fn)(*xs)
+  packed = lambda x: fn(*x)
+  if chunk_size == 1:
+    return jax.lax.map(packed, xs)
+  return jax.lax.map(packed, xs, batch_size=chunk_size)
+
+
+def _check_chunk(chunk_size, where):
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size < 1):
+    raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}.")
+
+
+def perturbed_task_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    offsets: PyTree,
+    *args,
+    has_aux: bool = False,
+    chunk_size: Optional[int] = None,
+    task_loss_fn: Optional[Callable[..., Any]] = None,
+    **kwargs,
+):
+  """Losses and gradients of each task at its own point: L_i and ∇L_i at θ + ε_i.
+
+  All tasks are differentiated in one ``jax.vmap`` over the task axis of
+  ``offsets`` (or ``jax.lax.map`` in chunks of ``chunk_size`` tasks); task i
+  differentiates only its own loss. See :func:`sharpness_aware_task_grads` for
+  ``loss_fn`` / ``task_loss_fn`` and the cost.
+
+  Returns:
+    ``(perturbed_losses, grads)``: ``(m,)`` and the stacked gradients (the
+    structure of ``params`` with a leading task axis).
+  """
+  _check_chunk(chunk_size, "perturbed_task_grads")
+  m = base.num_tasks_of(offsets, "perturbed_task_grads")
+  f = _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs)
+
+  def one(i, eps_i):
+    point = jax.tree_util.tree_map(lambda p, e: p + e.astype(jnp.result_type(p)), params, eps_i)
+    return jax.value_and_grad(f)(point, i)
+
+  return _map_over_tasks(one, (jnp.arange(m), offsets), m, chunk_size)
+
+
+def sharpness_aware_task_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *args,
+    perturbation: optax.GradientTransformation,
+    has_aux: bool = False,
+    chunk_size: Optional[int] = None,
+    mode: str = "jacrev",
+    task_loss_fn: Optional[Callable[..., Any]] = None,
+    **kwargs,
+):
+  """Losses, loss gradients at θ and per-task SAM gradients at θ + ε_i.
+
+  1. ``losses, loss_grads = mo.task_grads(loss_fn, params, *args, mode=mode)``;
+  2. ``offsets = perturbation.update(loss_grads, perturbation.init(params), params)``
+     (one ε_i per task; :func:`task_perturbation`);
+  3. ``sam_grads[i] = ∇ L_i(θ + ε_i)``, for all tasks in ONE vmapped call over
+     the task axis (``chunk_size`` bounds how many tasks run at once, with
+     ``jax.lax.map(..., batch_size=chunk_size)``). Each task differentiates
+     only its own loss at its own point, so step 3 costs about m forward and m
+     backward passes of the model (not m²).
+
+  Cost of the heads. With ``loss_fn`` returning all m losses, task i's pass
+  evaluates the whole model at θ + ε_i — every head — and keeps L_i
+  (``lax.dynamic_index_in_dim``): the other heads are computed and
+  back-propagated with a zero cotangent. That waste is (m − 1) heads per task,
+  small when the trunk dominates (see ``benchmarks/flat_speed.py``). To avoid
+  it, pass ``task_loss_fn(params, task_index, *args, **kwargs) -> L_i`` with a
+  traced int ``task_index``: e.g. index stacked, identically-shaped heads with
+  ``task_index`` (a gather: only head i is computed). Note that under
+  ``jax.vmap`` a ``lax.switch`` over heterogeneous heads becomes a select
+  that computes every branch; with ``chunk_size=1`` the tasks run
+  sequentially (``lax.map``) and ``lax.switch`` really branches.
+
+  State (BatchNorm statistics, ``has_aux``). The returned ``aux`` comes from
+  the unperturbed pass only; the perturbed passes discard theirs, as
+  google-research/sam and the FS-MTL code (``disable_running_stats`` during
+  the second pass) do: statistics must not be updated at perturbed weights.
+
+  If ``perturbation`` is a :func:`task_perturbation` with ρ_sh = ρ_ns = 0 the
+  SAM gradients ARE the loss gradients (returned as such, with no extra pass),
+  so a flat aggregator reproduces its vanilla version exactly.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs) -> losses`` of shape (m,)
+      (``(losses, aux)`` with ``has_aux``).
+    params: parameter pytree.
+    *args: positional arguments of ``loss_fn`` (the batch).
+    perturbation: the (stateless) transformation giving the offsets, usually
+      :func:`task_perturbation`.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    chunk_size: at most this many tasks at once, in both the loss-gradient
+      (``task_grads``) and the SAM-gradient passes; None (default) = all.
+    mode: ``task_grads`` mode for the loss gradients ("jacrev" or "vmap").
+    task_loss_fn: optional ``(params, task_index, *args, **kwargs) -> L_i`` used
+      for the perturbed passes instead of ``loss_fn`` (see above).
+    **kwargs: keyword arguments of ``loss_fn`` / ``task_loss_fn``.
+
+  Returns:
+    ``(losses, loss_grads, sam_grads)`` — or ``((losses, aux), loss_grads,
+    sam_grads)`` with ``has_aux`` — the gradients stacked over tasks.
+
+  Reference:
+    Phan et al., "Beyond Losses Reweighting: Empowering Multi-Task Learning via
+    the Generalization Perspective", ICCV 2025, Algorithm 1.
+  """
+  if perturbation is None or not hasattr(perturbation, "update"):
+    raise ValueError("sharpness_aware_task_grads: pass perturbation=mo.task_perturbation(...).")
+  _check_chunk(chunk_size, "sharpness_aware_task_grads")
+  out, loss_grads = task_grads_lib.task_grads(
+      loss_fn, params, *args, mode=mode, chunk_size=chunk_size, has_aux=has_aux, **kwargs)
+  info = perturbation_info(perturbation)
+  if info is not None and info.is_zero:
+    return out, loss_grads, loss_grads
+  offsets, _ = perturbation.update(loss_grads, perturbation.init(params), params)
+  _, sam_grads = perturbed_task_grads(loss_fn, params, offsets, *args, has_aux=has_aux,
+                                      chunk_size=chunk_size, task_loss_fn=task_loss_fn, **kwargs)
+  return out, loss_grads, sam_grads
+
+
+def sharpness(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *args,
+    rhos: Sequence[float],
+    adaptive: bool = False,
+    task_specific=None,
+    norm: str = "separate",
+    has_aux: bool = False,
+    mode: str = "jacrev",
+    chunk_size: Optional[int] = None,
+    task_loss_fn: Optional[Callable[..., Any]] = None,
+    eps: float = 1e-12,
+    **kwargs,
+) -> jax.Array:
+  """Per-task sharpness L_i(θ + ε_i(ρ)) − L_i(θ) for several radii ρ.
+
+  ε_i(ρ) is the SAM offset of :func:`task_perturbation` with
+  ρ_sh = ρ_ns = ρ (the worst case to first order inside the ball of radius ρ),
+  so the value is the first-order-worst-case loss increase of task i — the
+  sharpness the FS-MTL code logs during training (``--rho_eval``; its
+  multi-MNIST script uses ``norm="joint"``). The loss gradients are computed
+  once; the offsets are linear in ρ, and each radius costs m forward passes
+  (one vmapped call over tasks, radii in sequence).
+
+  Args:
+    loss_fn, params, *args, has_aux, mode, chunk_size, task_loss_fn, **kwargs:
+      as for :func:`sharpness_aware_task_grads`.
+    rhos: the radii (non-negative).
+    adaptive, task_specific, norm, eps: as for :func:`task_perturbation`.
+
+  Returns:
+    ``(len(rhos), m)`` array; row r holds the m task sharpness values at
+    ``rhos[r]``.
+  """
+  rho_arr = jnp.atleast_1d(jnp.asarray(rhos))
+  if rho_arr.ndim != 1 or rho_arr.shape[0] == 0:
+    raise ValueError(f"sharpness: rhos must be a non-empty 1-D sequence, got {rhos!r}.")
+  try:
+    concrete = [float(r) for r in rho_arr]
+  except jax.errors.ConcretizationTypeError:
+    concrete = None
+  if concrete is not None and not all(r >= 0 and r != float("inf") for r in concrete):
+    raise ValueError(f"sharpness: every radius must be finite and non-negative, got {rhos!r}.")
+  _check_chunk(chunk_size, "sharpness")
+  unit = task_perturbation(1.0, 1.0, adaptive=adaptive, task_specific=task_specific, eps=eps,
+                           norm=norm)
+  out, grads = task_grads_lib.task_grads(loss_fn, params, *args, mode=mode,
+                                         chunk_size=chunk_size, has_aux=has_aux, **kwargs)
+  losses = out[0] if has_aux else out
+  directions, _ = unit.update(grads, unit.init(params), params)
+  m = losses.shape[0]
+  f = _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs)
+
+  def at_radius(rho):
+    def one(i, d_i):
+      point = jax.tree_util.tree_map(
+          lambda p, d: p + (rho * d).astype(jnp.result_type(p)), params, d_i)
+      return f(point, i)
+    return _map_over_tasks(one, (jnp.arange(m), directions), m, chunk_size)
+
+  perturbed = jax.lax.map(at_radius, rho_arr.astype(losses.dtype))
+  return perturbed - losses[None, :]

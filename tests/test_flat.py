@@ -1,0 +1,308 @@
+"""mo.flat: the sharpness-aware wrapper (F-MGDA, F-PCGrad, F-CAGrad, F-IMTL, ...).
+
+The reference follows the paper's Algorithm 1 line by line with a Python loop
+over tasks (per-task ``jax.grad`` at θ and at the task's own perturbed point,
+NumPy norms), then aggregates the matrices of loss and flat gradients of the
+shared parameters with two fresh instances of the vanilla aggregator.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_optax as mo
+from tests.test_sharpness import M, algorithm1, is_head, leaves_of, loss_fn, make_problem
+
+RHO_SH, RHO_NS = 0.2, 0.4
+
+AGGREGATORS = {
+    "mean": lambda: mo.mean(),
+    "mgda": lambda: mo.mgda(),
+    "pcgrad": lambda: mo.pcgrad(seed=3),
+    "cagrad": lambda: mo.cagrad(c=0.4),
+    "imtl": lambda: mo.imtl(),
+    "nash_mtl": lambda: mo.nash_mtl(),
+}
+HEADS_WEIGHTED = {"mean"}
+
+
+def _agg_params():
+  out = []
+  for name in AGGREGATORS:
+    marks = ()
+    if not hasattr(mo, name):
+      marks = pytest.mark.skip(reason=f"mo.{name} does not exist yet")
+    out.append(pytest.param(name, marks=marks))
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def reference_grads(adaptive, partition):
+  """(params, x, y, loss grads, SAM grads) from Algorithm 1, float64 NumPy leaves."""
+  with jax.enable_x64(True):
+    params, x, y = make_problem()
+    _, sam, _ = algorithm1(params, x, y, RHO_SH, RHO_NS, adaptive, partition)
+    loss = []
+    for i in range(M):
+      g = jax.grad(lambda p, i=i: loss_fn(p, x, y)[i])(params)
+      loss.append([np.asarray(v) for v in jax.tree_util.tree_leaves(g)])
+    loss = [np.stack([r[k] for r in loss]) for k in range(len(loss[0]))]
+    return params, x, y, loss, sam
+
+
+def rows(leaves, mask):
+  """Flattened shared rows J (m × n) of the selected leaves."""
+  return np.concatenate([l.reshape(l.shape[0], -1) for l, s in zip(leaves, mask) if s], axis=1)
+
+
+def unflatten_rows(vec, leaves, mask):
+  out, k = [], 0
+  for l, s in zip(leaves, mask):
+    if s:
+      n = int(np.prod(l.shape[1:]))
+      out.append(vec[k:k + n].reshape(l.shape[1:]))
+      k += n
+    else:
+      out.append(None)
+  return out
+
+
+def vanilla(tx, j, state=None, losses=None):
+  state = tx.init({"w": jnp.zeros(j.shape[1])}) if state is None else state
+  d, state = tx.update({"w": jnp.asarray(j)}, state, None, losses=losses)
+  return np.asarray(d["w"]), state
+
+
+def reference_update(name, variant, adaptive, partition):
+  params, x, y, loss, sam = reference_grads(adaptive, partition)
+  leaves = jax.tree_util.tree_leaves(params)
+  heads = [is_head(p, l) for p, l in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if not partition:
+    heads = [False] * len(heads)
+  shared = [not h for h in heads]
+  losses = np.asarray(loss_fn(params, x, y))
+  g, s = rows(loss, shared), rows(sam, shared)
+  h = s - g
+  make = AGGREGATORS[name]
+  a = make()
+  if variant == "decomposed":
+    d_loss, st = vanilla(a, g, losses=losses)
+    d_flat, _ = vanilla(make(), h, losses=losses)
+    d = d_loss + d_flat
+  elif variant == "direct":
+    d, st = vanilla(a, s, losses=losses)
+  elif variant == "second":
+    d_loss, st = vanilla(a, g, losses=losses)
+    d_flat, _ = vanilla(make(), h, losses=losses)
+    d, _ = vanilla(make(), np.stack([d_loss, d_flat]))
+  else:  # each: per task [g_i, h_i] with one state threaded through the tasks
+    pair_tx, pair_state, v = make(), None, []
+    for i in range(M):
+      v_i, pair_state = vanilla(pair_tx, np.stack([g[i], h[i]]), pair_state)
+      v.append(v_i)
+    d, st = vanilla(a, np.stack(v), losses=losses)
+  weights = np.asarray(mo.task_weights(st)) if name in HEADS_WEIGHTED else np.ones(M)
+  out = unflatten_rows(d, loss, shared)
+  for k, is_h in enumerate(heads):
+    if is_h:
+      out[k] = np.tensordot(weights, sam[k], axes=1)
+  return params, x, y, losses, out, weights
+
+
+def flat_update(name, variant, adaptive, partition, jit=False):
+  with jax.enable_x64(True):
+    params, x, y = make_problem()
+    ts = is_head if partition else None
+    pert = mo.task_perturbation(RHO_SH, RHO_NS, adaptive=adaptive, task_specific=ts)
+    tx = mo.flat(AGGREGATORS[name](), variant, task_specific=ts)
+
+    def step(params, x, y, state):
+      losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+      return tx.update(grads, state, params, losses=losses, sam_grads=sam)
+
+    state = tx.init(params)
+    upd, state = (jax.jit(step) if jit else step)(params, x, y, state)
+    return leaves_of(upd), state
+
+
+@pytest.mark.parametrize("name", _agg_params())
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("partition", [False, True])
+def test_decomposed_matches_algorithm1(name, adaptive, partition, x64):
+  got, state = flat_update(name, "decomposed", adaptive, partition)
+  *_, want, weights = reference_update(name, "decomposed", adaptive, partition)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+  # mo.task_weights reads the loss aggregation's state.
+  if "weights" in mo.diagnostics(state) and name in HEADS_WEIGHTED:
+    np.testing.assert_allclose(mo.task_weights(state), weights, rtol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["direct", "each", "second"])
+@pytest.mark.parametrize("name", ["mean", "pcgrad", "cagrad"])
+def test_ablation_variants_match_reference(variant, name, x64):
+  got, _ = flat_update(name, variant, adaptive=True, partition=True)
+  *_, want, _ = reference_update(name, variant, True, True)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["mean", "mgda", "pcgrad", "cagrad", "imtl"]
+                         + (["nash_mtl"] if hasattr(mo, "nash_mtl") else []))
+def test_rho_zero_reproduces_the_vanilla_aggregator_exactly(name):
+  params, x, y = make_problem(dtype=jnp.float32)
+  pert = mo.task_perturbation(0.0, 0.0, adaptive=True, task_specific=is_head)
+  make = AGGREGATORS[name]
+  flat_tx = mo.flat(make(), task_specific=is_head)
+  van = {"mean": lambda: mo.mean(task_specific=is_head),
+         "mgda": lambda: mo.mgda(task_specific=is_head),
+         "pcgrad": lambda: mo.pcgrad(seed=3, task_specific=is_head),
+         "cagrad": lambda: mo.cagrad(c=0.4, task_specific=is_head),
+         "imtl": lambda: mo.imtl(task_specific=is_head),
+         "nash_mtl": lambda: mo.nash_mtl(task_specific=is_head)}[name]()
+
+  def both(params, fs, vs):  # eager: exactness does not depend on jit (tested below)
+    losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+    uf, fs = flat_tx.update(grads, fs, params, losses=losses, sam_grads=sam)
+    uv, vs = van.update(grads, vs, params, losses=losses)
+    return uf, uv, fs, vs
+
+  fs, vs = flat_tx.init(params), van.init(params)
+  for _ in range(2):  # two steps: stateful methods (PCGrad's key) stay in sync
+    uf, uv, fs, vs = both(params, fs, vs)
+    for a, b in zip(leaves_of(uf), leaves_of(uv)):
+      np.testing.assert_array_equal(a, b)
+  for k, v in mo.diagnostics(vs).items():
+    np.testing.assert_array_equal(mo.diagnostics(fs)[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("partition", [False, True])
+def test_flat_mean_is_sam_on_each_task_separately(partition):
+  """Two tasks: flat(mean) = (1/2) Σ_i ∇L_i(θ + ρ ∇L_i/‖∇L_i‖), plain SAM per task."""
+  with jax.enable_x64(True):
+    params, x, y = make_problem(m=2, seed=5)
+    rho = 0.3
+    want = None
+    for i in range(2):
+      loss_i = lambda p, i=i: loss_fn(p, x, y)[i]
+      g = jax.grad(loss_i)(params)
+      n = np.sqrt(sum(np.sum(np.asarray(v) ** 2) for v in jax.tree_util.tree_leaves(g)))
+      point = jax.tree.map(lambda p, gi: p + rho * gi / (n + 1e-12), params, g)
+      gs = jax.tree.map(lambda v: 0.5 * np.asarray(v), jax.grad(loss_i)(point))
+      want = gs if want is None else jax.tree.map(np.add, want, gs)
+    ts = is_head if partition else None
+    pert = mo.task_perturbation(rho, rho, norm="joint", task_specific=ts)
+    tx = mo.flat(mo.mean(), task_specific=ts)
+    losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+    got, _ = tx.update(grads, tx.init(params), params, losses=losses, sam_grads=sam)
+    for a, b in zip(leaves_of(got), leaves_of(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+class JitEquality(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_flat_update(self):
+    params, x, y = make_problem(dtype=jnp.float32)
+    pert = mo.task_perturbation(0.1, 0.2, adaptive=True, task_specific=is_head)
+    losses, grads, sam = jax.jit(lambda p: mo.sharpness_aware_task_grads(
+        loss_fn, p, x, y, perturbation=pert))(params)
+    for variant in ("each",):  # the most involved variant: lax.scan over tasks, 3 states
+      tx = mo.flat(mo.pcgrad(seed=1), variant, task_specific=is_head)
+      state = tx.init(params)
+      fn = self.variant(lambda g, s, st, l, tx=tx: tx.update(g, st, params, losses=l, sam_grads=s))
+      got, got_state = fn(grads, sam, state, losses)
+      want, want_state = tx.update(grads, state, params, losses=losses, sam_grads=sam)
+      for a, b in zip(leaves_of(got), leaves_of(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-6)
+
+
+def test_state_structure_is_constant_with_num_tasks():
+  params, x, y = make_problem(dtype=jnp.float32)
+  pert = mo.task_perturbation(0.1, 0.1, task_specific=is_head)
+  losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  for variant in ("decomposed", "direct", "each", "second"):
+    tx = mo.flat(mo.pcgrad(num_tasks=M), variant, task_specific=is_head) if variant in (
+        "decomposed", "direct") else mo.flat(mo.pcgrad(), variant, task_specific=is_head)
+    state = tx.init(params)
+    _, new = tx.update(grads, state, params, losses=losses, sam_grads=sam)
+    if variant in ("decomposed", "direct"):
+      assert jax.tree.structure(new) == jax.tree.structure(state), variant
+    else:  # the pair state is built complete at init
+      assert jax.tree.structure(new.pair) == jax.tree.structure(state.pair), variant
+    # Independent states: the loss and flat aggregations each advanced their own key.
+    if variant in ("decomposed", "second"):
+      assert new.loss.count == 1 and new.flat.count == 1
+      assert not np.array_equal(new.loss.inner, state.loss.inner)
+      np.testing.assert_array_equal(new.loss.inner, new.flat.inner)  # same seed, same history
+    if variant == "each":
+      assert new.pair.count == M  # one 2-row aggregation per task, in sequence
+
+
+def test_nonfinite_inputs_skip_the_step():
+  params, x, y = make_problem(dtype=jnp.float32)
+  pert = mo.task_perturbation(0.1, 0.1, task_specific=is_head)
+  losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  sam = jax.tree.map(lambda a: a, sam)
+  sam["heads"]["h1"]["w"] = sam["heads"]["h1"]["w"].at[1, 0].set(jnp.nan)
+  tx = mo.flat(mo.pcgrad(num_tasks=M), task_specific=is_head)
+  state = tx.init(params)
+  upd, new = tx.update(grads, state, params, losses=losses, sam_grads=sam)
+  for leaf in leaves_of(upd):
+    np.testing.assert_array_equal(leaf, 0.0)
+  np.testing.assert_array_equal(new.loss.inner, state.loss.inner)
+  np.testing.assert_array_equal(new.flat.inner, state.flat.inner)
+  assert int(mo.diagnostics(new)["nonfinite_tasks"]) == 1
+
+
+def test_errors():
+  params, x, y = make_problem(dtype=jnp.float32)
+  pert = mo.task_perturbation(0.1, 0.1, task_specific=is_head)
+  losses, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  tx = mo.flat(mo.cagrad(), task_specific=is_head)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="sam_grads"):
+    tx.update(grads, state, params, losses=losses)
+  with pytest.raises(ValueError, match="structure"):
+    tx.update(grads, state, params, losses=losses, sam_grads={"trunk": sam["trunk"]})
+  with pytest.raises(ValueError, match="variant"):
+    mo.flat(mo.cagrad(), "both")
+  with pytest.raises(TypeError):
+    mo.flat(optax.adam(1e-3))
+  with pytest.raises(ValueError, match="losses"):
+    mo.flat(mo.mgda("loss"), "each")
+  with pytest.raises(TypeError, match="state"):
+    tx.update(grads, mo.cagrad().init(params), params, sam_grads=sam)
+  # A mask on the inner aggregator no longer matches the shared sub-tree: clear error.
+  mask = jax.tree.map(lambda _: False, params)
+  mask["heads"] = jax.tree.map(lambda _: True, mask["heads"])
+  bad = mo.flat(mo.cagrad(task_specific=mask), task_specific=mask)
+  with pytest.raises(ValueError, match="without task_specific"):
+    bad.update(grads, bad.init(params), params, sam_grads=sam)
+  with pytest.raises(ValueError, match="task-specific"):
+    mo.flat(mo.mean(), task_specific=lambda p, l: True).init(params)
+  with pytest.raises(ValueError, match="2-row"):
+    mo.flat(mo.pcgrad(num_tasks=3), "second").init(params)
+  with pytest.raises(ValueError, match="loss-based"):
+    mo.flat(mo.mgda("loss")).update(grads, mo.flat(mo.mgda("loss")).init(params), params,
+                                    sam_grads=sam)
+
+
+def test_train_step_helper_runs_flat_cagrad():
+  params, x, y = make_problem(dtype=jnp.float32)
+  pert = mo.task_perturbation(0.05, 0.05, adaptive=True, task_specific=is_head)
+  tx = optax.chain(mo.flat(mo.cagrad(num_tasks=M), task_specific=is_head), optax.adam(1e-2))
+  step = mo.make_train_step(loss_fn, tx, perturbation=pert)
+  state = tx.init(params)
+  first = None
+  for _ in range(5):
+    params, state, losses, _ = step(params, state, x, y)
+    first = losses if first is None else first
+  assert np.all(np.isfinite(losses)) and np.sum(losses) < np.sum(first)
+  assert mo.task_weights(state).shape == (M,)

@@ -1,0 +1,279 @@
+"""task_perturbation, sharpness_aware_task_grads and the sharpness measure.
+
+References are written here with a Python loop over tasks: per-task ``jax.grad``
+of L_i, NumPy norms over the shared / head leaves, per-task perturbed
+parameters (Phan et al., Algorithm 1, line by line).
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtl_optax as mo
+from mtl_optax._src import sharpness as sharpness_lib
+
+M = 3
+
+
+def make_problem(m=M, seed=0, dtype=jnp.float64):
+  rng = np.random.default_rng(seed)
+  params = {
+      "trunk": {"w": rng.standard_normal((4, 5)), "b": rng.standard_normal(5)},
+      "heads": {f"h{i}": {"w": rng.standard_normal(5), "b": np.array(0.1 * i)} for i in range(m)},
+  }
+  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  x = jnp.asarray(rng.standard_normal((8, 4)), dtype)
+  y = jnp.asarray(rng.standard_normal((8, m)), dtype)
+  return params, x, y
+
+
+def loss_fn(p, x, y):
+  z = jnp.tanh(x @ p["trunk"]["w"] + p["trunk"]["b"])
+  m = len(p["heads"])
+  return jnp.stack([jnp.mean((z @ p["heads"][f"h{i}"]["w"] + p["heads"][f"h{i}"]["b"]
+                              - y[:, i]) ** 2) for i in range(m)])
+
+
+def is_head(path, leaf):
+  del leaf
+  return "heads" in jax.tree_util.keystr(path)
+
+
+def head_mask(params, partition):
+  leaves_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+  if not partition:
+    return [False] * len(leaves_paths)
+  return [is_head(path, leaf) for path, leaf in leaves_paths]
+
+
+def algorithm1(params, x, y, rho_sh, rho_ns, adaptive, partition, joint=False, eps=1e-12):
+  """Offsets ε_i and SAM gradients by a Python loop over tasks (NumPy norms)."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  heads = head_mask(params, partition)
+  if joint:
+    heads = [False] * len(leaves)
+  p_np = [np.asarray(p, np.float64) for p in leaves]
+  m = len(params["heads"])
+  offsets, sam, perturbed_losses = [], [], []
+  for i in range(m):
+    loss_i = lambda p, i=i: loss_fn(p, x, y)[i]
+    g = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(jax.grad(loss_i)(params))]
+    t = [np.abs(p) if adaptive else np.ones_like(p) for p in p_np]
+    eps_i = []
+    for group_is_head, rho in ((False, rho_sh), (True, rho_ns)):
+      n = np.sqrt(sum(np.sum((tk * gk) ** 2) for tk, gk, h in zip(t, g, heads)
+                      if h == group_is_head))
+      for k in range(len(leaves)):
+        if heads[k] == group_is_head:
+          while len(eps_i) <= k:
+            eps_i.append(None)
+          eps_i[k] = rho * t[k] ** 2 * g[k] / (n + eps)
+    point = jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(p + e, leaves[k].dtype) for k, (p, e) in enumerate(zip(p_np, eps_i))])
+    val, gs = jax.value_and_grad(loss_i)(point)
+    offsets.append(eps_i)
+    sam.append([np.asarray(v) for v in jax.tree_util.tree_leaves(gs)])
+    perturbed_losses.append(float(val))
+  stack = lambda rows: [np.stack([r[k] for r in rows]) for k in range(len(leaves))]
+  return stack(offsets), stack(sam), np.array(perturbed_losses)
+
+
+def leaves_of(tree):
+  return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
+
+
+# --- task_perturbation -------------------------------------------------------------
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("partition", [False, True])
+@pytest.mark.parametrize("norm", ["separate", "joint"])
+def test_offsets_match_algorithm1(adaptive, partition, norm, x64):
+  params, x, y = make_problem()
+  rho_sh, rho_ns = 0.3, (0.3 if norm == "joint" else 0.7)
+  pert = mo.task_perturbation(rho_sh, rho_ns, adaptive=adaptive,
+                              task_specific=is_head if partition else None, norm=norm)
+  _, grads = mo.task_grads(loss_fn, params, x, y)
+  offsets, _ = pert.update(grads, pert.init(params), params)
+  want, _, _ = algorithm1(params, x, y, rho_sh, rho_ns, adaptive, partition, joint=norm == "joint")
+  for got, ref in zip(leaves_of(offsets), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-14)
+  # Offsets of other tasks' heads are zero: each task perturbs the trunk and its own head.
+  for i in range(M):
+    for j in range(M):
+      if i != j:
+        assert not np.any(np.asarray(offsets["heads"][f"h{j}"]["w"][i]))
+  if partition and norm == "separate" and not adaptive:
+    # Norms over the shared and the head leaves separately: each group has norm ρ.
+    trunk = np.concatenate([np.asarray(offsets["trunk"][k]).reshape(M, -1) for k in ("w", "b")], 1)
+    np.testing.assert_allclose(np.linalg.norm(trunk, axis=1), rho_sh, rtol=1e-10)
+    for i in range(M):
+      h = offsets["heads"][f"h{i}"]
+      n = np.sqrt(np.sum(np.asarray(h["w"][i]) ** 2) + np.asarray(h["b"][i]) ** 2)
+      np.testing.assert_allclose(n, rho_ns, rtol=1e-10)
+
+
+def test_zero_gradients_give_zero_offsets():
+  params = {"a": jnp.ones((3,)), "b": jnp.zeros((2, 2))}
+  grads = {"a": jnp.zeros((2, 3)).at[1].set(jnp.array([3.0, 0.0, 4.0])), "b": jnp.zeros((2, 2, 2))}
+  for adaptive in (False, True):
+    pert = mo.task_perturbation(0.5, 0.5, adaptive=adaptive)
+    out, _ = pert.update(grads, pert.init(params), params)
+    np.testing.assert_array_equal(out["a"][0], 0.0)
+    np.testing.assert_array_equal(out["b"], 0.0)  # adaptive: |θ| = 0 there
+    np.testing.assert_allclose(out["a"][1], [0.3, 0.0, 0.4], rtol=1e-6)
+  # eps = 0 keeps zero rows at zero (no 0/0).
+  pert = mo.task_perturbation(0.5, 0.5, eps=0.0)
+  out, _ = pert.update(grads, pert.init(params), params)
+  assert np.all(np.isfinite(out["a"])) and not np.any(out["a"][0])
+
+
+def test_huge_and_tiny_gradients_do_not_overflow():
+  params = {"a": jnp.ones((4,), jnp.float32)}
+  grads = {"a": jnp.array([[1e30, -1e30, 2e30, 0.0], [1e-30, 0.0, 0.0, 0.0]], jnp.float32)}
+  pert = mo.task_perturbation(2.0, 2.0, eps=0.0)
+  out, _ = pert.update(grads, pert.init(params), params)
+  assert np.all(np.isfinite(out["a"]))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out["a"], np.float64), axis=1), [2.0, 2.0],
+                             rtol=1e-5)
+
+
+def test_perturbation_errors():
+  for bad in (-0.1, float("nan"), float("inf"), True, "0.1", None):
+    with pytest.raises(ValueError, match="rho_shared"):
+      mo.task_perturbation(rho_shared=bad)
+    with pytest.raises(ValueError, match="rho_task"):
+      mo.task_perturbation(rho_task=bad)
+  with pytest.raises(ValueError, match="norm"):
+    mo.task_perturbation(norm="layer")
+  with pytest.raises(ValueError, match="joint"):
+    mo.task_perturbation(0.1, 0.2, norm="joint")
+  with pytest.raises(ValueError, match="eps"):
+    mo.task_perturbation(eps=-1.0)
+  with pytest.raises(ValueError, match="adaptive"):
+    mo.task_perturbation(adaptive="yes")
+  pert = mo.task_perturbation(adaptive=True)
+  grads = {"a": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match="needs the parameters"):
+    pert.update(grads, pert.init(None))
+  with pytest.raises(ValueError, match="does not match"):
+    pert.update(grads, pert.init(None), {"a": jnp.ones((4,))})
+  with pytest.raises(ValueError, match="scalar"):
+    mo.task_perturbation().update({"a": jnp.ones(())}, None, None)
+
+
+# --- sharpness_aware_task_grads ----------------------------------------------------
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("partition", [False, True])
+def test_sam_grads_match_algorithm1(adaptive, partition, x64):
+  params, x, y = make_problem()
+  pert = mo.task_perturbation(0.2, 0.4, adaptive=adaptive,
+                              task_specific=is_head if partition else None)
+  losses, loss_grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  _, want_sam, _ = algorithm1(params, x, y, 0.2, 0.4, adaptive, partition)
+  np.testing.assert_allclose(losses, loss_fn(params, x, y), rtol=1e-12)
+  want_losses, want_grads = mo.task_grads(loss_fn, params, x, y)
+  for got, ref in zip(leaves_of(loss_grads), leaves_of(want_grads)):
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+  for got, ref in zip(leaves_of(sam), want_sam):
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_chunking_modes_and_task_loss_fn_agree(x64):
+  params, x, y = make_problem()
+  pert = mo.task_perturbation(0.2, 0.4, adaptive=True, task_specific=is_head)
+  _, _, ref = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+
+  def task_loss_fn(p, i, x, y):  # only head i is evaluated (lax.switch)
+    z = jnp.tanh(x @ p["trunk"]["w"] + p["trunk"]["b"])
+    branches = [lambda z, k=k: jnp.mean((z @ p["heads"][f"h{k}"]["w"] + p["heads"][f"h{k}"]["b"]
+                                         - y[:, k]) ** 2) for k in range(M)]
+    return jax.lax.switch(i, branches, z)
+
+  for kw in (dict(chunk_size=1), dict(chunk_size=2), dict(mode="vmap"),
+             dict(task_loss_fn=task_loss_fn), dict(task_loss_fn=task_loss_fn, chunk_size=1)):
+    _, _, got = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert, **kw)
+    for a, b in zip(leaves_of(got), leaves_of(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=str(kw))
+  with pytest.raises(ValueError, match="scalar"):
+    mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert,
+                                  task_loss_fn=lambda p, i, x, y: loss_fn(p, x, y))
+  with pytest.raises(ValueError, match="chunk_size"):
+    mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert, chunk_size=0)
+  with pytest.raises(ValueError, match="perturbation"):
+    mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=None)
+
+
+def test_aux_comes_from_the_unperturbed_pass(x64):
+  params, x, y = make_problem()
+  calls = []
+
+  def with_aux(p, x, y):
+    calls.append(1)
+    # A "batch statistic" that depends on the parameters (like BatchNorm's).
+    return loss_fn(p, x, y), {"stat": jnp.mean(x @ p["trunk"]["w"], axis=0)}
+
+  pert = mo.task_perturbation(0.5, 0.5, task_specific=is_head)
+  (losses, aux), grads, sam = mo.sharpness_aware_task_grads(
+      with_aux, params, x, y, perturbation=pert, has_aux=True)
+  np.testing.assert_allclose(aux["stat"], jnp.mean(x @ params["trunk"]["w"], axis=0), rtol=1e-12)
+  _, _, sam_ref = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  for a, b in zip(leaves_of(sam), leaves_of(sam_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_rho_zero_returns_the_loss_gradients():
+  params, x, y = make_problem(dtype=jnp.float32)
+  pert = mo.task_perturbation(0.0, 0.0, adaptive=True, task_specific=is_head)
+  _, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  for a, b in zip(leaves_of(grads), leaves_of(sam)):
+    np.testing.assert_array_equal(a, b)
+  # A custom (non-task_perturbation) zero perturbation goes through the perturbed pass.
+  _, grads, sam2 = mo.sharpness_aware_task_grads(
+      loss_fn, params, x, y, perturbation=mo.task_perturbation(0.0, 0.0)._replace(
+          update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), s)))
+  for a, b in zip(leaves_of(grads), leaves_of(sam2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class JitEquality(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sam_grads_and_offsets(self):
+    params, x, y = make_problem(dtype=jnp.float32)
+    pert = mo.task_perturbation(0.1, 0.3, adaptive=True, task_specific=is_head)
+    fn = self.variant(lambda p, x, y: mo.sharpness_aware_task_grads(
+        loss_fn, p, x, y, perturbation=pert))
+    _, _, got = fn(params, x, y)
+    with jax.enable_x64(True):
+      p64, x64_, y64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, x, y))
+      _, want, _ = algorithm1(p64, x64_, y64, 0.1, 0.3, True, True)
+    for a, b in zip(leaves_of(got), want):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+# --- the sharpness measure ---------------------------------------------------------
+
+@pytest.mark.parametrize("adaptive,norm", [(False, "separate"), (True, "joint")])
+def test_sharpness_matches_reference(adaptive, norm, x64):
+  params, x, y = make_problem()
+  rhos = [0.0, 0.05, 0.5]
+  got = sharpness_lib.sharpness(loss_fn, params, x, y, rhos=rhos, adaptive=adaptive,
+                                task_specific=is_head, norm=norm)
+  assert got.shape == (len(rhos), M)
+  base_losses = np.asarray(loss_fn(params, x, y))
+  for r, rho in enumerate(rhos):
+    _, _, perturbed = algorithm1(params, x, y, rho, rho, adaptive, True, joint=norm == "joint")
+    np.testing.assert_allclose(got[r], perturbed - base_losses, rtol=1e-9, atol=1e-13)
+  np.testing.assert_allclose(got[0], 0.0, atol=1e-15)
+  assert np.all(got[1] > 0)  # first-order worst case increases the loss for small ρ
+  jitted = jax.jit(lambda r: sharpness_lib.sharpness(loss_fn, params, x, y, rhos=r,
+                                                     adaptive=adaptive, task_specific=is_head,
+                                                     norm=norm))
+  np.testing.assert_allclose(jitted(jnp.asarray(rhos)), got, rtol=1e-12, atol=1e-15)
+  with pytest.raises(ValueError, match="radius"):
+    sharpness_lib.sharpness(loss_fn, params, x, y, rhos=[0.1, -0.1])
+  with pytest.raises(ValueError, match="rhos"):
+    sharpness_lib.sharpness(loss_fn, params, x, y, rhos=[])
