@@ -166,7 +166,8 @@ class Trainer:
                          (imgs, tg))
       return vals.mean(0)
 
-    self.epoch_fn = jax.jit(epoch, donate_argnums=(0, 1))
+    # No buffer donation: some method states alias one array in several leaves.
+    self.epoch_fn = jax.jit(epoch)
     # Evaluation depends only on the model: one compiled function per model.
     self.eval_fn = _EVAL_CACHE.setdefault(model, jax.jit(evaluate))
 

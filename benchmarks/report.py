@@ -94,12 +94,14 @@ def gap_table(res, title, methods=BALANCING):
   return "\n".join(lines)
 
 
-def flat_table(res):
+def flat_table(res, flat_res=None):
+  """Flat vs vanilla; the flat runs come from ``flat_res`` when given (same seeds/data)."""
+  flat_res = flat_res or res
   lines = ["| pair | vanilla avg acc % | flat avg acc % | flat − vanilla (paired, ± std) | "
            "seeds flat better | vanilla Δm% | flat Δm% | Phan et al. vanilla → flat |",
            "|---|---|---|---|---|---|---|---|"]
   for k, (pv, pf) in PHAN.items():
-    v, f = res["methods"].get(k), res["methods"].get("f_" + k)
+    v, f = res["methods"].get(k), flat_res["methods"].get("f_" + k)
     if not v or not f or "error" in v or "error" in f:
       continue
     av = np.asarray(v["test"]).mean(1) * 100
@@ -118,12 +120,31 @@ def flat_table(res):
   return "\n".join(lines)
 
 
+def toy_table(res):
+  starts = res["starts"]
+  lines = ["| method | " + " | ".join(str(tuple(x)) for x in starts) + " | reached |",
+           "|---|" + "---|" * (len(starts) + 1)]
+  for k, rs in res["results"].items():
+    cells = [f"({r['final_losses'][0]:.2f}, {r['final_losses'][1]:.2f}) "
+             f"{'✓' if r['reached'] else '✗ d=%.2f' % r['distance']}" for r in rs]
+    lines.append(f"| {k} | " + " | ".join(cells) + f" | {sum(r['reached'] for r in rs)}/5 |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--clrr", default=os.path.join(RESULTS, "multimnist_CL_RR_full_mlp.json"))
   p.add_argument("--clcr", default=os.path.join(RESULTS, "multimnist_CL_CR_flat_mlp.json"))
+  p.add_argument("--clcr2",
+                 default=os.path.join(RESULTS, "multimnist_CL_CR_flat_rho005_mlp.json"))
   p.add_argument("--rlrr", default=os.path.join(RESULTS, "multimnist_RL_RR_mlp.json"))
+  p.add_argument("--toy", default=os.path.join(RESULTS, "toy_scale1.json"))
   a = p.parse_args(argv)
+  toy = _load(a.toy)
+  if toy:
+    print("### Toy\n")
+    print(toy_table(toy))
+    print()
   clrr, clcr, rlrr = _load(a.clrr), _load(a.clcr), _load(a.rlrr)
   if clrr:
     table, common, rho = clrr_table(clrr)
@@ -139,6 +160,11 @@ def main(argv=None):
     print("\n### CL_CR flat vs vanilla\n")
     print(flat_table(clcr))
     print()
+    clcr2 = _load(a.clcr2)
+    if clcr2:
+      print("\n### CL_CR flat (plain SAM, rho 0.05) vs vanilla\n")
+      print(flat_table(clcr, clcr2))
+      print()
   if rlrr:
     print(gap_table(rlrr, "RL_RR"))
 

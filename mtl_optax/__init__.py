@@ -40,8 +40,10 @@ from mtl_optax._src.methods.cagrad import cagrad
 from mtl_optax._src.methods.cdtt import cdtt
 from mtl_optax._src.methods.config import config
 from mtl_optax._src.methods.db_mtl import db_mtl
+from mtl_optax._src.methods.dualproj import dualproj
 from mtl_optax._src.methods.edm import edm
 from mtl_optax._src.methods.excess_mtl import excess_mtl
+from mtl_optax._src.methods.fairgrad import fairgrad
 from mtl_optax._src.methods.graddrop import graddrop
 from mtl_optax._src.methods.gradvac import gradvac
 from mtl_optax._src.methods.imtl import imtl
@@ -49,6 +51,7 @@ from mtl_optax._src.methods.krum import krum
 from mtl_optax._src.methods.mgda import mgda
 from mtl_optax._src.methods.moco import moco
 from mtl_optax._src.methods.modo import modo
+from mtl_optax._src.methods.nash_mtl import nash_mtl
 from mtl_optax._src.methods.pcgrad import pcgrad
 from mtl_optax._src.methods.rotograd import rotograd
 from mtl_optax._src.methods.rotograd import rotograd_rotation_loss
@@ -57,6 +60,7 @@ from mtl_optax._src.methods.rotograd import rotograd_update
 from mtl_optax._src.methods.sdmgrad import multi_batch_task_grads
 from mtl_optax._src.methods.sdmgrad import sdmgrad
 from mtl_optax._src.methods.trimmed_mean import trimmed_mean
+from mtl_optax._src.methods.upgrad import upgrad
 
 # --- sharpness-aware MTL (§C) ------------------------------------------------
 from mtl_optax._src.flat import flat

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,7 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 # bfloat16 gradients.
 # ---------------------------------------------------------------------------
 
-BF16_METHODS = ("mean", "mgda", "cagrad", "imtl", "pcgrad", "upgrad", "nash_mtl", "dualproj",
-                "aligned_mtl", "fairgrad", "famo")
+BF16_METHODS = ("mean", "mgda", "cagrad", "pcgrad", "upgrad", "nash_mtl", "famo")
 M_BF16, N_BF16 = 3, 4096
 
 
@@ -57,7 +58,8 @@ def test_bfloat16_gradients_float32_arithmetic(name):
   grads, losses = _bf16_problem()
   params = jax.tree_util.tree_map(lambda g: jnp.zeros(g.shape[1:], jnp.bfloat16), grads)
   tx = getattr(mo, name)(num_tasks=M_BF16)
-  update, state = tx.update(grads, tx.init(params), params, losses=losses)
+  run = jax.jit(lambda g, s, p, l: tx.update(g, s, p, losses=l), compiler_options=FAST)
+  update, state = run(grads, tx.init(params), params, losses)
   diag = mo.diagnostics(state)
 
   # dtypes: float32 diagnostics and weights, the update in the gradients' dtype.
@@ -84,8 +86,7 @@ def test_bfloat16_gradients_float32_arithmetic(name):
   # the bfloat16 rounding of the float32 update.
   grads32 = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
   params32 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
-  tx32 = getattr(mo, name)(num_tasks=M_BF16)
-  update32, state32 = tx32.update(grads32, tx32.init(params32), params32, losses=losses)
+  update32, state32 = run(grads32, tx.init(params32), params32, losses)
   if "weights" in diag:
     np.testing.assert_allclose(diag["weights"], mo.diagnostics(state32)["weights"],
                                rtol=1e-5, atol=1e-7)
@@ -114,17 +115,18 @@ def test_loss_scaling_contract_unscale_before_aggregating(name):
   state = tx.init(params)
   scale = jnp.float16(2.0 ** 8)
 
-  ref, ref_state = tx.update({"w": g}, state, params, losses=losses)
+  update = jax.jit(lambda g, s, l: tx.update(g, s, params, losses=l), compiler_options=FAST)
+  ref, ref_state = update({"w": g}, state, losses)
   scaled = {"w": g * scale}                                   # what backprop of S·L gives
   unscaled = jax.tree_util.tree_map(lambda x: x / scale, scaled)
-  out, out_state = tx.update(unscaled, state, params, losses=(losses * 256.0) / 256.0)
+  out, out_state = update(unscaled, state, (losses * 256.0) / 256.0)
   np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(ref["w"]))
   for a, b in zip(jax.tree_util.tree_leaves(out_state), jax.tree_util.tree_leaves(ref_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   # Overflow: the scale was too large for one task, its scaled gradient is inf.
   overflow = {"w": g.at[1, 3].set(jnp.inf)}
-  out, bad_state = tx.update(overflow, state, params, losses=losses)
+  out, bad_state = update(overflow, state, losses)
   assert not np.any(np.asarray(out["w"])), "the overflowed step must be skipped"
   assert int(mo.diagnostics(bad_state)["nonfinite_tasks"]) == 1
   for a, b in zip(jax.tree_util.tree_leaves(bad_state.inner), jax.tree_util.tree_leaves(state.inner)):
@@ -135,7 +137,7 @@ def test_loss_scaling_contract_unscale_before_aggregating(name):
 # Gradient accumulation.
 # ---------------------------------------------------------------------------
 
-M, K, MICRO, STEPS = 3, 4, 4, 2   # tasks, micro-batches per step, micro-batch size, steps
+M, K, MICRO, STEPS = 3, 3, 4, 2   # tasks, micro-batches per step, micro-batch size, steps
 ACC_METHODS = ("mgda", "pcgrad", "famo")
 
 
@@ -175,13 +177,13 @@ def test_accumulate_then_aggregate(name):
   outer = optax.chain(_agg(name), optax.adam(1e-2))
   tx = mo.distributed.accumulate_task_grads(outer, K, num_tasks=M)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST)
   def micro(p, s, xb, yb):
     losses, grads = mo.task_grads(_acc_loss, p, xb, yb)
     u, s = tx.update(grads, s, p, losses=losses)
     return optax.apply_updates(p, u), s, u
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST)
   def reference(p, s, xs, ys):  # explicit: average K stacked gradients, aggregate once
     per = [mo.task_grads(_acc_loss, p, xs[b], ys[b]) for b in range(K)]
     losses = sum(l for l, _ in per) / K
@@ -223,7 +225,7 @@ def test_aggregate_every_micro_batch(name):
   agg = _agg(name)
   tx = optax.chain(agg, optax.MultiSteps(optax.adam(1e-2), K))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST)
   def micro(p, s, xb, yb):
     losses, grads = mo.task_grads(_acc_loss, p, xb, yb)
     u, s = tx.update(grads, s, p, losses=losses)
@@ -231,7 +233,7 @@ def test_aggregate_every_micro_batch(name):
 
   adam = optax.adam(1e-2)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST)
   def reference(p, agg_state, adam_state, xs, ys):  # explicit loop over micro-batches
     ds = []
     for b in range(K):

@@ -1,4 +1,4 @@
-"""aligned_mtl, config, edm and the IMTL variants: references, properties, errors."""
+"""aligned_mtl, config and edm: references, properties, errors (IMTL: test_imtl_variants.py)."""
 
 import itertools
 
@@ -6,7 +6,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import mtl_optax as mo
@@ -76,21 +75,12 @@ def edm_ref(j):
   return gamma * alpha @ u, gamma * alpha / norms
 
 
-def imtl_g_ref(j):
-  """IMTL-G with the paper's closed form α_{2..m} = g_1 Uᵀ(DUᵀ)⁻¹ (full-rank rows)."""
-  u = j / np.linalg.norm(j, axis=1, keepdims=True)
-  d_mat, u_mat = j[0] - j[1:], u[0] - u[1:]
-  a = j[0] @ u_mat.T @ np.linalg.inv(d_mat @ u_mat.T)
-  return np.r_[1.0 - a.sum(), a]
-
-
 # --- golden values (methods.md §D, TorchJD's published numbers) ----------------------
 
 @pytest.mark.parametrize("factory,expected", [
     (mo.aligned_mtl, [0.2133, 0.9673, 0.9673]),
     (mo.config, [0.1588, 2.0706, 2.0706]),
-    (mo.imtl, [0.0767, 1.0, 1.0]),
-])
+])  # IMTL-G's [0.0767, 1, 1] is in test_foundation_methods.py
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_golden_values(factory, expected, dtype, x64):
   d = P.assert_structure(factory(), J_GOLDEN, dtype=dtype)
@@ -101,7 +91,9 @@ def test_golden_values(factory, expected, dtype, x64):
 
 def test_aligned_mtl_matches_reference(x64):
   for scale_mode in ("min", "median", "rmse"):
-    txs = {None: mo.aligned_mtl(scale_mode), "pref": mo.aligned_mtl(scale_mode, [0.5, 1.0, 2.0, 0.1])}
+    txs = {None: mo.aligned_mtl(scale_mode)}
+    if scale_mode == "min":
+      txs["pref"] = mo.aligned_mtl(scale_mode, [0.5, 1.0, 2.0, 0.1])
     for seed, rank in [(0, None), (1, 2), (2, 3)]:
       j = P.normal_matrix(4, 7, rank=rank, seed=seed) * np.array([[1.0], [3.0], [0.5], [2.0]])
       for key, tx in txs.items():
@@ -134,17 +126,17 @@ def test_aligned_mtl_aligns_the_gradients(x64):
 
 
 def test_config_matches_reference_and_has_equal_cosines(x64):
-  tx, tx_pref = mo.config(), mo.config([1.0, 2.0, 0.5])
+  tx, tx_pref = mo.config(), mo.config([1.0, 2.0, 0.5, 1.5])
   for seed in range(3):
-    j = P.normal_matrix(3, 6, seed=seed) * np.array([[1.0], [7.0], [0.2]])
+    j = P.normal_matrix(4, 6, seed=seed) * np.array([[1.0], [7.0], [0.2], [2.0]])
     d, _ = P.aggregate(tx, j)
     np.testing.assert_allclose(d, config_ref(j), rtol=1e-8, atol=1e-10)
     cos = (j @ d) / np.linalg.norm(j, axis=1) / np.linalg.norm(d)
     np.testing.assert_allclose(cos, cos[0], rtol=1e-8)  # equal cosines for p = 1
     d, _ = P.aggregate(tx_pref, j)
-    np.testing.assert_allclose(d, config_ref(j, [1.0, 2.0, 0.5]), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(d, config_ref(j, [1.0, 2.0, 0.5, 1.5]), rtol=1e-8, atol=1e-10)
   # m > n and rank-deficient: least-squares / minimum-norm solution.
-  for _, j in [P.typical_matrices()[i] for i in (3, 4, 5, 8)]:
+  for _, j in [families()[i] for i in (1, 2, 5, 6)]:
     np.testing.assert_allclose(P.aggregate(tx, j)[0], config_ref(j), rtol=1e-6, atol=1e-8)
 
 
@@ -159,7 +151,7 @@ def test_config_rows_of_wildly_different_norms():
 
 def test_edm_matches_reference_and_bisector(x64):
   tx = mo.edm()
-  for m, seed in [(2, 0), (3, 1), (4, 2), (4, 3)]:
+  for m, seed in [(2, 0), (4, 2), (4, 3)]:
     j = P.normal_matrix(m, 6, seed=seed) * np.linspace(0.3, 3.0, m)[:, None]
     d, state = P.aggregate(tx, j)
     d_ref, w_ref = edm_ref(j)
@@ -171,7 +163,7 @@ def test_edm_matches_reference_and_bisector(x64):
       np.testing.assert_allclose(d, (j[0] / n[0] + j[1] / n[1]) / (1 / n[0] + 1 / n[1]),
                                  rtol=1e-9)
   # A zero gradient: no shared update (as the reference code).
-  j = P.weak_stationary_matrix(3, 5)
+  j = P.weak_stationary_matrix(4, 6)
   d, state = P.aggregate(tx, j)
   np.testing.assert_array_equal(d, 0.0)
   np.testing.assert_array_equal(mo.task_weights(state), 0.0)
@@ -186,104 +178,28 @@ def test_edm_per_row_scales_float32():
   np.testing.assert_allclose(mo.task_weights(state), w_ref, rtol=1e-4, atol=1e-35)
 
 
-# --- IMTL: G, L and hybrid ----------------------------------------------------------
-
-def test_imtl_gradient_matches_paper_formula(x64):
-  j = P.normal_matrix(4, 9, seed=8) * np.array([[1.0], [4.0], [0.3], [2.0]])
-  _, state = P.aggregate(mo.imtl(), j)
-  np.testing.assert_allclose(mo.task_weights(state), imtl_g_ref(j), rtol=1e-7)
-  assert mo.aggregator_info(mo.imtl()).needs_losses is False
-
-
-def _adam_ref(grads, lr, b1=0.9, b2=0.999, eps=1e-8, s0=0.0):
-  """The s trajectory of a NumPy Adam (bias-corrected) fed with grads(s, k)."""
-  s = np.full(3, s0)
-  mu = nu = np.zeros(3)
-  out = []
-  for k in range(4):
-    out.append(s.copy())
-    g = grads(s, k)
-    mu = b1 * mu + (1 - b1) * g
-    nu = b2 * nu + (1 - b2) * g * g
-    mhat, vhat = mu / (1 - b1 ** (k + 1)), nu / (1 - b2 ** (k + 1))
-    s = s - lr * mhat / (np.sqrt(vhat) + eps)
-  return out
-
-
-@pytest.mark.parametrize("variant", ["loss", "hybrid"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_imtl_loss_and_hybrid_match_reference(variant, optimizer, x64):
-  """Four steps: weights, head weights and the loss-scale trajectory."""
-  rng = np.random.default_rng(0)
-  js = [P.normal_matrix(3, 6, seed=k) * np.array([[1.0], [3.0], [0.5]]) for k in range(4)]
-  heads = [rng.standard_normal((3, 2)) for _ in range(4)]
-  losses = [rng.uniform(0.2, 3.0, 3) for _ in range(4)]
-  lr = 0.3
-  tx = mo.imtl(variant, learning_rate=lr, optimizer=optimizer, init_log_scale=0.1,
-               task_specific={"w": False, "h": True}, num_tasks=3)
-  params = {"w": jnp.zeros(6), "h": jnp.zeros(2)}
-  state = tx.init(params)
-  step = jax.jit(lambda g, s, l: tx.update(g, s, params, losses=l))
-
-  grad_s = lambda s, k: np.exp(s) * losses[k] - 1.0
-  if optimizer == "adam":
-    s_traj = _adam_ref(grad_s, lr, s0=0.1)
-  else:
-    s_traj, s = [], np.full(3, 0.1)
-    for k in range(4):
-      s_traj.append(s.copy())
-      s = s - lr * grad_s(s, k)
-  for k in range(4):
-    upd, state = step({"w": jnp.asarray(js[k]), "h": jnp.asarray(heads[k])}, state,
-                      jnp.asarray(losses[k]))
-    scales = np.exp(s_traj[k])
-    np.testing.assert_allclose(mo.diagnostics(state)["log_loss_scales"], s_traj[k], rtol=1e-10)
-    if variant == "loss":
-      w = scales
-    else:
-      w = imtl_g_ref(scales[:, None] * js[k]) * scales  # IMTL-G on the scaled gradients
-    np.testing.assert_allclose(mo.task_weights(state), w, rtol=1e-7)
-    np.testing.assert_allclose(upd["w"], w @ js[k], rtol=1e-7, atol=1e-12)
-    np.testing.assert_allclose(upd["h"], scales @ heads[k], rtol=1e-7)  # heads: e^{s_i}
-  # The equilibrium of s is e^{s_i} L_i = 1 (every scaled loss equals one).
-  tx = mo.imtl(variant, learning_rate=0.5, optimizer="sgd", num_tasks=3)
-  state = tx.init({"w": jnp.zeros(6)})
-  fixed = jnp.asarray([0.5, 2.0, 4.0])
-  step = jax.jit(lambda s: tx.update({"w": jnp.asarray(js[0])}, s, None, losses=fixed)[1])
-  for _ in range(300):
-    state = step(state)
-  np.testing.assert_allclose(np.exp(state.inner.log_scales) * fixed, 1.0, rtol=1e-6)
-
-
-def test_imtl_heads_unweighted_on_request(x64):
-  tx = mo.imtl("hybrid", num_tasks=2, weight_heads=False, task_specific={"w": False, "h": True})
-  grads = {"w": jnp.asarray(J_GOLDEN), "h": jnp.ones((2, 3))}
-  params = {"w": jnp.zeros(3), "h": jnp.zeros(3)}
-  upd, _ = tx.update(grads, tx.init(params), params, losses=jnp.ones(2))
-  np.testing.assert_allclose(upd["h"], [2.0, 2.0, 2.0])
-  # IMTL-G's direction is invariant to the loss scales (full rank): hybrid ∥ IMTL-G.
-  g_dir = P.aggregate(mo.imtl(), J_GOLDEN)[0]
-  np.testing.assert_allclose(upd["w"] / np.linalg.norm(upd["w"]), g_dir / np.linalg.norm(g_dir),
-                             rtol=1e-9)
-
-
-def test_imtl_representation_facts():
-  assert mo.aggregator_info(mo.imtl()).representation == "invalid"
-  assert mo.aggregator_info(mo.imtl("loss", num_tasks=2)).representation == "exact"
-  assert mo.aggregator_info(mo.imtl("hybrid", num_tasks=2)).representation == "invalid"
-  assert mo.aggregator_info(mo.aligned_mtl()).representation == "variant"
-
-
 # --- symmetric two-task case (Gama & Grassi, App. A.4) -------------------------------
 
-@pytest.mark.parametrize("factory", [mo.imtl, mo.edm, lambda: mo.imtl("hybrid", num_tasks=2)])
-def test_symmetric_two_tasks_equal_weights(factory, x64):
-  _, state = P.aggregate(factory(), SYMMETRIC, losses=np.array([0.7, 0.7]))
+def test_edm_symmetric_two_tasks_equal_weights(x64):
+  _, state = P.aggregate(mo.edm(), SYMMETRIC)
   w = np.asarray(mo.task_weights(state))
   np.testing.assert_allclose(w[0], w[1], rtol=1e-12)
 
 
 # --- property suite (methods.md §D) --------------------------------------------------
+
+def families():
+  """TorchJD's input families in two shapes (4×6 and m > n), so each compiles once."""
+  return [
+      ("normal", P.normal_matrix(4, 6, seed=1)),
+      ("rank1", P.normal_matrix(4, 6, rank=1, seed=4)),
+      ("rank2", P.normal_matrix(4, 6, rank=2, seed=5)),
+      ("zero", np.zeros((4, 6))),
+      ("strong_stationary", P.strong_stationary_matrix(4, 6, seed=7)),
+      ("weak_stationary", P.weak_stationary_matrix(4, 6, seed=8)),
+      ("wide_m_gt_n", P.normal_matrix(7, 3, seed=6)),
+  ] + P.scaled_matrices(P.normal_matrix(4, 6, seed=11))
+
 
 FACTORIES = {
     "aligned_mtl": mo.aligned_mtl,
@@ -292,68 +208,47 @@ FACTORIES = {
     "config": mo.config,
     "edm": mo.edm,
 }
+CASES = [(name, dtype) for name in sorted(FACTORIES) for dtype in (jnp.float32, jnp.float64)
+         if dtype == jnp.float64 or name in ("aligned_mtl", "config", "edm")]
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_structure_weighted_permutation(name, dtype, x64):
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_properties(name, dtype, x64):
+  """Structure, weighted, permutation invariance (all); linear under scaling
+  (ConFIG); non-conflicting (EDM: MGDA's direction on unit rows, u_iᵀd ≥ 0)."""
   tx = FACTORIES[name]()  # one instance: each shape compiles once
-  for _, matrix in P.scaled_matrices():
-    P.assert_structure(tx, matrix, dtype=dtype)
   rtol = 1e-4 if dtype == jnp.float32 else 1e-6
-  for _, matrix in P.typical_matrices():
+  for case, matrix in families():
     P.assert_structure(tx, matrix, dtype=dtype)
     P.assert_weighted(tx, matrix, dtype=dtype, rtol=rtol, atol=1e-6)
+    if case.startswith("scaled"):
+      continue
+    if name == "config":
+      P.assert_linear_under_scaling(tx, matrix, dtype=dtype, rtol=rtol / 10)
+    if name == "edm":
+      P.assert_non_conflicting(tx, matrix, dtype=dtype, rtol=rtol / 10)
     deficient = np.linalg.matrix_rank(matrix) < matrix.shape[0]
-    if dtype == jnp.float64 or not (deficient and name.startswith("aligned")):
+    if not (dtype == jnp.float32 and deficient and name.startswith("aligned")):
       # A float32 rank-deficient Gram matrix has round-off eigenvalues around
       # λ_max·eps, some just above Aligned-MTL's cut-off λ_max·m·eps; σ = such
       # an eigenvalue makes w depend on round-off, which differs per task order.
       P.assert_permutation_invariant(tx, matrix, dtype=dtype, rtol=rtol, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_config_linear_under_scaling(dtype, x64):
-  tx = mo.config()
-  rtol = 1e-4 if dtype == jnp.float32 else 1e-7
-  for _, matrix in P.typical_matrices()[:6]:
-    P.assert_linear_under_scaling(tx, matrix, dtype=dtype, rtol=rtol)
-
-
-def test_edm_non_conflicting(x64):
-  """d = γ Σ α_i u_i is MGDA's direction on unit rows: u_iᵀd ≥ 0."""
-  tx = mo.edm()
-  for _, matrix in P.typical_matrices():
-    P.assert_non_conflicting(tx, matrix, rtol=1e-7)
-
-
-@pytest.mark.parametrize("variant", ["loss", "hybrid"])
-def test_imtl_variants_properties(variant, x64):
-  for _, matrix in P.typical_matrices()[:4]:
-    m = matrix.shape[0]
-    tx = mo.imtl(variant, num_tasks=m)
-    losses = P.losses_for(m)
-    P.assert_structure(tx, matrix, losses)
-    P.assert_weighted(tx, matrix, losses)
-    P.assert_permutation_invariant(tx, matrix, losses)
-  for _, matrix in P.scaled_matrices():
-    P.assert_structure(mo.imtl(variant, num_tasks=3), matrix, P.losses_for(3))
-
+  if name in ("aligned_mtl", "config", "edm"):  # the jitted update is cached: eager run only
+    P.assert_jit_equal(tx, families()[0][1], dtype=dtype, rtol=rtol)
 
 class JitEquality(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_every_method(self):
+  def test_aligned_median(self):
+    # aligned_mtl (min), config and edm: P.assert_jit_equal in test_properties
+    # (both dtypes); the IMTL variants: test_imtl_variants.py.
     j = jnp.asarray(P.normal_matrix(4, 6, seed=3), jnp.float32)
-    losses = jnp.asarray(P.losses_for(4), jnp.float32)
-    for tx in [mo.aligned_mtl(), mo.aligned_mtl("median"), mo.aligned_mtl("rmse"), mo.config(),
-               mo.edm(), mo.imtl("loss", num_tasks=4), mo.imtl("hybrid", num_tasks=4)]:
-      params = {"w": jnp.zeros(6)}
-      state = tx.init(params)
-      upd = self.variant(lambda g, s, l, tx=tx: tx.update(g, s, params, losses=l))
-      got, _ = upd({"w": j}, state, losses)
-      want, _ = tx.update({"w": j}, state, params, losses=losses)
-      np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5, atol=1e-6)
+    tx = mo.aligned_mtl("median")
+    params = {"w": jnp.zeros(6)}
+    state = tx.init(params)
+    got, _ = self.variant(lambda g, s: tx.update(g, s, params))({"w": j}, state)
+    want, _ = tx.update({"w": j}, state, params)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5, atol=1e-6)
 
 
 # --- errors -------------------------------------------------------------------------
@@ -371,18 +266,5 @@ def test_errors():
     P.aggregate(mo.config([1.0, 2.0]), np.ones((3, 4)))
   with pytest.raises(ValueError, match="tol"):
     mo.edm(tol=0.0)
-  with pytest.raises(ValueError, match="variant"):
-    mo.imtl("both")
-  with pytest.raises(ValueError, match="num_tasks"):
-    mo.imtl("loss")
-  with pytest.raises(ValueError, match="learning_rate"):
-    mo.imtl("hybrid", learning_rate=-1.0, num_tasks=2)
-  with pytest.raises(ValueError, match="optimizer"):
-    mo.imtl("hybrid", optimizer="rmsprop", num_tasks=2)
-  with pytest.raises(ValueError, match="init_log_scale"):
-    mo.imtl("loss", init_log_scale=float("inf"), num_tasks=2)
-  with pytest.raises(ValueError, match="losses="):
-    P.aggregate(mo.imtl("loss", num_tasks=2), J_GOLDEN)
-  # A custom optax optimizer is accepted.
-  tx = mo.imtl("loss", optimizer=optax.sgd(0.1), num_tasks=2)
-  P.aggregate(tx, J_GOLDEN, losses=np.ones(2))
+  with pytest.raises(ValueError, match="max_iters"):
+    mo.edm(max_iters=0)

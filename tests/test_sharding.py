@@ -119,6 +119,15 @@ def test_sam_perturbation_uses_globally_reduced_gradients(results):
   assert sem["per_replica_rel_diff"] > 100 * RTOL, sem
 
 
+def test_sharded_state_checkpoint_roundtrip(results):
+  """A model-sharded (params, optimizer state) saved with orbax and restored into a
+  template carrying the shardings comes back bitwise equal, with the same shardings."""
+  pytest.importorskip("orbax.checkpoint")
+  rec = results.get("checkpoint/sharded_roundtrip")
+  assert rec is not None and rec["ok"], rec
+  assert rec["bitwise"] and rec["shardings"], rec
+
+
 # ---------------------------------------------------------------------------
 # The layout helpers, in this process (one device suffices).
 # ---------------------------------------------------------------------------

@@ -128,6 +128,11 @@ def _paste(canvas: np.ndarray, digits: np.ndarray, corner: int,
   canvas[b, r, c] = np.maximum(canvas[b, r, c], digits)
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+  a.flags.writeable = False
+  return a
+
+
 @functools.lru_cache(maxsize=4)
 def _composites(seed: int, n_train: int, n_val: int, n_test: int,
                 pool_seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -151,9 +156,10 @@ def _composites(seed: int, n_train: int, n_val: int, n_test: int,
     _paste(canvas, images[li], 0, shifts[:, 0])
     _paste(canvas, images[ri], RIGHT_CORNER, shifts[:, 1])
     crop = canvas[:, MAX_SHIFT:MAX_SHIFT + CANVAS, MAX_SHIFT:MAX_SHIFT + CANVAS]
-    out[split] = dict(composite=np.ascontiguousarray(crop), left_index=li,
-                      right_index=ri, shifts=shifts,
-                      left_label=labels[li], right_label=labels[ri])
+    arrays = dict(composite=np.ascontiguousarray(crop), left_index=li,
+                  right_index=ri, shifts=shifts,
+                  left_label=labels[li], right_label=labels[ri])
+    out[split] = {k: _readonly(v) for k, v in arrays.items()}  # cached
   return out
 
 
@@ -192,12 +198,22 @@ class MultiMNIST:
             "targets": tuple(t[idx] for t in self.targets)}
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-  a.flags.writeable = False
-  return a
+@functools.lru_cache(maxsize=6)
+def _float_images(key: tuple, split: str) -> np.ndarray:
+  """float32 (N, 36, 36, 1) composites in [0, 1], shared by all tasks."""
+  images = _composites(*key)[split]["composite"]
+  return _readonly(images.astype(np.float32)[..., None] / 255.0)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=6)
+def _digit_targets(key: tuple, split: str, side: str) -> np.ndarray:
+  """float32 (N, 784) unshifted left/right digits in [0, 1]."""
+  digits, _ = load_mnist_5k()
+  idx = _composites(*key)[split][f"{side}_index"]
+  return _readonly(digits[idx].reshape(-1, DIGIT * DIGIT).astype(np.float32)
+                   / 255.0)
+
+
 def multi_mnist(task: str = "CL_RR", split: str = "train",
                 n: int | None = None, seed: int = 0, *,
                 n_train: int = 20_000, n_val: int = 2_000,
@@ -213,8 +229,8 @@ def multi_mnist(task: str = "CL_RR", split: str = "train",
   canvas are clipped), combined by pixel-wise max and scaled by 1/255.
 
   The build of all three splits is cached per ``(seed, n_train, n_val,
-  n_test, pool_seed)`` (~1 s for the default 26 000 composites); the
-  returned object is cached too, so repeated calls are free and return the
+  n_test, pool_seed)`` (~1 s for the default 26 000 composites), and so are
+  the float arrays: repeated calls (and the tasks of one split) return the
   same read-only arrays.
 
   Args:
@@ -235,23 +251,21 @@ def multi_mnist(task: str = "CL_RR", split: str = "train",
     raise ValueError(f"task must be one of {tuple(MULTI_MNIST_TASKS)}")
   if split not in ("train", "val", "test"):
     raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-  data = _composites(seed, n_train, n_val, n_test, pool_seed)[split]
+  key = (seed, n_train, n_val, n_test, pool_seed)
+  data = _composites(*key)[split]
   size = len(data["composite"])
   if n is not None and not 0 <= n <= size:
     raise ValueError(f"n={n} outside [0, {size}] for split {split!r}")
   sl = slice(None if n is None else n)
-  digits, _ = load_mnist_5k()
   kinds = MULTI_MNIST_TASKS[task]
   targets = []
   for kind, side in zip(kinds, ("left", "right")):
     if kind == "CL":
       targets.append(data[f"{side}_label"][sl])
     else:
-      img = digits[data[f"{side}_index"][sl]].reshape(-1, DIGIT * DIGIT)
-      targets.append(_readonly(img.astype(np.float32) / 255.0))
-  images = data["composite"][sl].astype(np.float32)[..., None] / 255.0
+      targets.append(_digit_targets(key, split, side)[sl])
   return MultiMNIST(
-      task=task, kinds=kinds, images=_readonly(images),
+      task=task, kinds=kinds, images=_float_images(key, split)[sl],
       targets=tuple(targets),
       left_label=data["left_label"][sl], right_label=data["right_label"][sl],
       left_index=data["left_index"][sl], right_index=data["right_index"][sl],

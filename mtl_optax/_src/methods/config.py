@@ -34,6 +34,13 @@ def config_coefficients(row_gram: jnp.ndarray, row_scales: jnp.ndarray, pref: jn
   b = jnp.linalg.pinv(cos, rtol=10 * m * jnp.finfo(dtype).eps, hermitian=True) @ pref
   cb = cos @ b
   bcb = jnp.maximum(b @ cb, 0.0)
+  # ‖U⁺p‖² = bᵀCb. At round-off level, p is orthogonal to the span of the unit
+  # rows (e.g. opposite rows with p = 1): the direction is undefined, d = 0
+  # (TorchJD's normalize(·, eps) gives 0 as well; a relative test here keeps
+  # round-off from being normalised into an arbitrary unit direction).
+  degenerate = bcb <= 10 * m * jnp.finfo(dtype).eps * (pref @ pref)
+  b = jnp.where(degenerate, 0.0, b)
+  cb = jnp.where(degenerate, 0.0, cb)
   # Σ_j ‖g_j‖(Cb)_j, accumulated relative to the largest row scale (no overflow).
   top = jnp.max(row_scales)
   length = jnp.sum((row_scales / top) * r_norms * cb)
@@ -54,7 +61,9 @@ def config(pref_vector: Optional[Sequence[float]] = None, *, task_specific=None,
   p (equal for the default p = 1), scaled by the sum of the projections of the
   gradients onto it. Computed in Gram form (the cosine matrix C = UUᵀ and its
   pseudo-inverse, cut-off 10·m·eps·λ_max, so rows closer than ~√(10·m·eps) to
-  linear dependence are treated as dependent); the update is assembled from
+  linear dependence are treated as dependent; if ‖U⁺p‖² ≤ 10·m·eps·‖p‖², p is
+  numerically orthogonal to the span of the unit rows and d = 0); the update
+  is assembled from
   the unit rows, so tasks whose gradients differ by 1e±30 are exact. d is
   linear under positive per-task scalings of the gradients (methods.md §D).
   The weights w with d = Jᵀw are ``diagnostics["weights"]`` (they saturate at
