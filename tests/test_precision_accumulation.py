@@ -254,3 +254,15 @@ def test_aggregate_every_micro_batch(name):
     _tree_close(mo.task_weights(s), mo.task_weights(a_ref))
     _tree_close(s[0].inner, a_ref.inner)
   assert int(s[0].count) == STEPS * K
+
+
+def test_accumulate_task_grads_errors():
+  outer = optax.chain(mo.mean(num_tasks=M), optax.sgd(0.1))
+  with pytest.raises(ValueError, match="num_tasks"):
+    mo.distributed.accumulate_task_grads(outer, K, num_tasks=0)
+  with pytest.raises(ValueError, match="losses are always accumulated"):
+    mo.distributed.accumulate_task_grads(outer, K, num_tasks=M, stacked_args=("losses",))
+  tx = mo.distributed.accumulate_task_grads(outer, K, num_tasks=M, stacked_args=("sam_grads",))
+  params = {"w": jnp.zeros((4,))}
+  with pytest.raises(ValueError, match="sam_grads"):
+    tx.update({"w": jnp.zeros((M, 4))}, tx.init(params), params)

@@ -24,7 +24,7 @@ The helpers below only build ``NamedSharding`` layouts, place arrays with
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +170,12 @@ def _explicit_mesh_of(tree):
   return None
 
 
+def _is_arraylike_tree(tree) -> bool:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return bool(leaves) and all(hasattr(x, "__array__") or isinstance(x, jax.Array)
+                              for x in leaves)
+
+
 def auto_axes(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Runs ``tx.update`` with the mesh's Explicit axes treated as Auto axes.
 
@@ -216,8 +222,11 @@ def auto_axes(tx: optax.GradientTransformation) -> optax.GradientTransformationE
     # Shapes of the outputs, traced without shardings (so without Explicit axes).
     plain = lambda t: jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), t)
-    out_shapes = jax.eval_shape(lambda u, s, p, e: tx.update(u, s, p, **e),
-                                plain(updates), plain(state), plain(params), plain(extra))
+    # Array-valued extra arguments go through auto_axes; others (flags) are closed over.
+    dyn = {k: v for k, v in extra.items() if _is_arraylike_tree(v)}
+    static = {k: v for k, v in extra.items() if k not in dyn}
+    out_shapes = jax.eval_shape(lambda u, s, p, e: tx.update(u, s, p, **e, **static),
+                                plain(updates), plain(state), plain(params), plain(dyn))
 
     def update_spec(out, g, p):
       if out is None:
@@ -236,14 +245,17 @@ def auto_axes(tx: optax.GradientTransformation) -> optax.GradientTransformationE
           [update_spec(o, g, p) for o, g, p in zip(out_leaves, upd_leaves, prm_leaves)])
     except (ValueError, TypeError):  # the update has another structure: replicate it
       upd_out = jax.tree_util.tree_map(lambda o: NamedSharding(mesh, P()), out_shapes[0])
-    state_out = jax.tree_util.tree_map(
-        lambda o, s: NamedSharding(mesh, P(*spec_of(s)))
-        if tuple(o.shape) == tuple(jnp.shape(s)) else NamedSharding(mesh, P()),
-        out_shapes[1], state)
+    try:
+      state_out = jax.tree_util.tree_map(
+          lambda o, s: NamedSharding(mesh, P(*spec_of(s)))
+          if tuple(o.shape) == tuple(jnp.shape(s)) else NamedSharding(mesh, P()),
+          out_shapes[1], state)
+    except (ValueError, TypeError):  # the state changes structure (built without num_tasks)
+      state_out = jax.tree_util.tree_map(lambda o: NamedSharding(mesh, P()), out_shapes[1])
     fn = jax.sharding.auto_axes(
-        lambda u, s, p, e: tx.update(u, s, p, **e), out_sharding=(upd_out, state_out))
+        lambda u, s, p, e: tx.update(u, s, p, **e, **static), out_sharding=(upd_out, state_out))
     with jax.sharding.use_abstract_mesh(mesh):
-      return fn(updates, state, params, extra)
+      return fn(updates, state, params, dyn)
 
   # Keep the static facts attached to the wrapped update (mo.aggregator_info, ...).
   for attr in ("mtl_info", "mtl_perturbation"):

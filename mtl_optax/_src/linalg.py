@@ -402,33 +402,36 @@ def nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
   iterations. The inverse of the free block (embedded as H = (Q_FF ⊕ I)⁻¹)
   is kept up to date by rank-one bordering updates, O(m²) per iteration
   instead of a fresh O(m³) factorisation, and each free-set solve gets two
-  steps of iterative refinement. Projected-gradient or ADMM methods would need
-  hundreds of iterations to reach the same accuracy on ill-conditioned Gram
-  matrices; projected Newton needs an O(m³) factorisation per iteration.
+  steps of iterative refinement; if its residual still exceeds 1000·eps
+  (drift of the updates), the round restarts from a freshly inverted block.
+  Projected-gradient or ADMM methods would need hundreds of iterations to
+  reach the same accuracy on ill-conditioned Gram matrices; projected Newton
+  needs an O(m³) factorisation per iteration.
 
-  Singular Q (rank-deficient Gram matrices) makes the bordering updates
-  unstable, so the method solves ``rounds`` proximal-point problems
+  Singular Q (rank-deficient Gram matrices) would make the free-set systems
+  singular, so the method solves ``rounds`` proximal-point problems
   min ½xᵀQx + cᵀx + (ρ/2)‖x − x_prev‖² (ρ = ``ridge``, x_prev = the previous
-  round's solution, 0 at first), each restarted from the previous free set
-  with a freshly inverted free block. The first round is the ridge-regularised
-  problem; later rounds remove the ridge's bias at the linear rate
-  ρ / (λ + ρ) in the directions of curvature λ (exact to round-off after a few
-  rounds when Q is well conditioned), while keeping x bounded along the null
-  space of Q. The returned residual is measured on the original problem.
+  round's solution, 0 at first), each restarted from the previous free set.
+  The first round is the ridge-regularised problem; later rounds remove the
+  ridge's bias at the linear rate ρ/(λ + ρ) in the directions of curvature λ
+  (exact to round-off after a few rounds when Q is well conditioned), while
+  keeping x bounded along the null space of Q.
 
   Args:
     quad: ``(m, m)`` PSD matrix Q.
     lin: ``(m,)`` linear term c.
-    max_iters: active-set iterations per round (default 3m + 10).
+    max_iters: active-set iterations per round (default 3m + 10); at most
+      ``rounds + 4`` rounds (restarts included) are run.
     tol: relative tolerance on the multipliers: a bound is freed only if
       y_j < −tol·(|Q||x| + |c|)_j (default 100·eps of the dtype).
     ridge: proximal weight ρ (absolute; default 4·√eps·max diag Q).
     rounds: number of proximal rounds (default 3).
 
   Returns:
-    ``SolverResult(x, residual, iterations)``: the residual is the relative
-    KKT violation max_j (max(−y_j, 0) if x_j = 0, |y_j| if x_j > 0) / (|Q||x| +
-    |c|)_j of the original problem; iterations are summed over the rounds.
+    ``SolverResult(x, residual, iterations)``. The residual is the relative
+    KKT violation of the original problem, max_j max((−y_j)₊ / s_j,
+    min(x_j / ‖x‖_∞, |y_j| / s_j)) with s = |Q||x| + |c| (0 at an exact
+    solution); iterations are summed over the rounds.
   """
   m = quad.shape[0]
   dtype = jnp.promote_types(quad.dtype, lin.dtype)
@@ -440,9 +443,10 @@ def nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
   max_iters = 3 * m + 10 if max_iters is None else max_iters
   if ridge is None:
     ridge = 4.0 * math.sqrt(eps) * jnp.max(jnp.abs(jnp.diagonal(q0)))
-  rho = jnp.asarray(ridge, dtype)
+  rho = jnp.maximum(jnp.asarray(ridge, dtype), jnp.finfo(dtype).tiny)
   q = q0 + rho * eye
   abs_q = jnp.abs(q)
+  drift_tol = 1000 * eps
 
   def fresh_inverse(free):
     f = free.astype(dtype)
@@ -450,35 +454,39 @@ def nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
     return jnp.linalg.solve(k, eye)
 
   def add_index(h, free, j):
-    # Bordering: the inverse of [[Q_FF, q], [qᵀ, Q_jj]] from H = Q_FF⁻¹.
+    # Bordering: the inverse of [[Q_FF, q], [qᵀ, Q_jj]] from H = Q_FF⁻¹; the
+    # Schur complement of Q + ρI is ≥ ρ (clipped against round-off).
     col = q[:, j] * free.astype(dtype)
     b = h @ col                                   # zero outside F
-    # Schur complement of Q + ρI: ≥ ρ exactly; clipped against round-off.
     s = jnp.maximum(q[j, j] - col @ b, rho)
     t = b - eye[j]
     return h - jnp.outer(eye[j], eye[j]) + jnp.outer(t, t) / s
 
   def remove_index(h, j):
     col = h[:, j]
-    # H_jj = 1 / (Schur complement of j) ∈ [1 / Q_jj, 1 / ρ]; clipped against round-off.
-    pivot = jnp.clip(h[j, j], 1.0 / q[j, j], 1.0 / rho)
+    pivot = jnp.clip(h[j, j], 1.0 / q[j, j], 1.0 / rho)   # = 1 / Schur complement
     return h - jnp.outer(col, col) / pivot + jnp.outer(eye[j], eye[j])
 
-  def solve_round(x, free, c):
-    """Active-set iterations for min ½xᵀ(Q + ρI)x + cᵀx, x ≥ 0, from (x, free)."""
+  def free_optimum(h, free, c):
+    """x_F = −Q_FF⁻¹ c_F through H with two refinement steps; and whether H drifted."""
+    f = free.astype(dtype)
+    z = -(h @ (c * f))
+    for _ in range(2):
+      z = z + h @ ((-c - q @ z) * f)
+    z = z * f
+    res = jnp.abs((q @ z + c) * f)
+    drift = jnp.any(res > drift_tol * (abs_q @ jnp.abs(z) + jnp.abs(c))) | ~jnp.all(jnp.isfinite(z))
+    return z, drift
 
-    def free_optimum(h, free):
-      # x_F = −Q_FF⁻¹ c_F through H, with two steps of iterative refinement
-      # (the explicit inverse alone loses a factor cond(Q_FF)).
-      f = free.astype(dtype)
-      z = -(h @ (c * f))
-      for _ in range(2):
-        z = z + h @ ((-c - q @ z) * f)
-      return z * f
+  def inner(x, free, c):
+    """Active-set iterations for min ½xᵀ(Q + ρI)x + cᵀx, x ≥ 0, from (x, free).
+
+    Returns (x, free, iterations, converged).
+    """
 
     def body(carry):
-      x, free, h, it, _, last = carry
-      z = free_optimum(h, free)
+      x, free, h, it, _, _, last = carry
+      z, drift = free_optimum(h, free, c)
       blocking = free & (z < 0) & (jnp.arange(m, dtype=jnp.int32) != last)
       ratios = jnp.where(blocking, x / jnp.where(blocking, x - z, 1.0), jnp.inf)
       step = jnp.minimum(1.0, jnp.min(ratios))
@@ -495,33 +503,43 @@ def nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
       free_new = jnp.where(full, jnp.where(optimal, free, free.at[j].set(True)),
                            free.at[hit].set(False))
       last_new = jnp.where(full & ~optimal, j, -1).astype(jnp.int32)
-      return x_new, free_new, h_new, it + 1, full & optimal, last_new
+      # On drift, keep the last good point and let the caller restart.
+      x_new = jnp.where(drift, x, x_new)
+      free_new = jnp.where(drift, free, free_new)
+      return x_new, free_new, h_new, it + 1, full & optimal & ~drift, drift, last_new
 
     def cond(carry):
-      _, _, _, it, done, _ = carry
-      return (~done) & (it < max_iters)
+      _, _, _, it, done, drift, _ = carry
+      return ~done & ~drift & (it < max_iters)
 
     h = fresh_inverse(free)
-    # Start at the exact optimum of the current free set if it is feasible.
-    z = free_optimum(h, free)
-    x = jnp.where(jnp.all(z >= 0), z, x)
-    carry = (x, free, h, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
+    z, drift = free_optimum(h, free, c)
+    x = jnp.where(jnp.all(z >= 0) & ~drift, z, x)   # exact optimum of the free set if feasible
+    carry = (x, free, h, jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), bool),
              jnp.asarray(-1, jnp.int32))
-    x, free, _, it, _, _ = jax.lax.while_loop(cond, body, carry)
-    return x, free, it
+    x, free, _, it, done, drift, _ = jax.lax.while_loop(cond, body, carry)
+    return x, free, it, ~drift
 
-  def one_round(_, state):
-    x, free, total = state
-    x_new, free, it = solve_round(x, free, c0 - rho * x)
-    return x_new, free, total + it
+  def outer_body(state):
+    x, free, x_prox, done_rounds, restarts, total = state
+    x_new, free_new, it, finished = inner(x, free, c0 - rho * x_prox)
+    return (x_new, free_new, jnp.where(finished, x_new, x_prox),
+            done_rounds + finished.astype(jnp.int32), restarts + 1, total + it)
 
-  state = (jnp.zeros((m,), dtype), jnp.zeros((m,), bool), jnp.zeros((), jnp.int32))
-  x, _, total = jax.lax.fori_loop(0, rounds, one_round, state)
+  def outer_cond(state):
+    _, _, _, done_rounds, restarts, _ = state
+    return (done_rounds < rounds) & (restarts < rounds + 4)
+
+  zero_i = jnp.zeros((), jnp.int32)
+  state = (jnp.zeros((m,), dtype), jnp.zeros((m,), bool), jnp.zeros((m,), dtype), zero_i, zero_i,
+           zero_i)
+  x, _, _, _, _, total = jax.lax.while_loop(outer_cond, outer_body, state)
   x = jnp.where(jnp.isfinite(x), jnp.maximum(x, 0.0), 0.0)
   y = q0 @ x + c0
-  scale = jnp.abs(q0) @ x + jnp.abs(c0)
-  viol = jnp.where(x > 0, jnp.abs(y), jnp.maximum(-y, 0.0))
-  residual = jnp.max(viol / (scale + TINY)) if m else jnp.zeros((), dtype)
+  scale = jnp.abs(q0) @ x + jnp.abs(c0) + TINY
+  xmax = jnp.max(x) + TINY
+  viol = jnp.maximum(jnp.maximum(-y, 0.0) / scale, jnp.minimum(x / xmax, jnp.abs(y) / scale))
+  residual = jnp.max(viol) if m else jnp.zeros((), dtype)
   return SolverResult(x, residual, total)
 
 

@@ -314,6 +314,13 @@ def sharpness_aware_task_grads(
   that computes every branch; with ``chunk_size=1`` the tasks run
   sequentially (``lax.map``) and ``lax.switch`` really branches.
 
+  vmap or sequence? On accelerators the single vmapped call is the fast path.
+  On XLA:CPU, vmapping a convolutional model over tasks makes its weights
+  batched, and the resulting batched matrix products are slow: for the
+  multi-MNIST LeNet (batch 256, m = 2) ``chunk_size=1`` (tasks in sequence,
+  same maths) was about 1.5–2× faster for both passes
+  (``benchmarks/flat_speed.py``).
+
   State (BatchNorm statistics, ``has_aux``). The returned ``aux`` comes from
   the unperturbed pass only; the perturbed passes discard theirs, as
   google-research/sam and the FS-MTL code (``disable_running_stats`` during

@@ -63,8 +63,8 @@ def config(pref_vector: Optional[Sequence[float]] = None, *, task_specific=None,
   pseudo-inverse, cut-off 10·m·eps·λ_max, so rows closer than ~√(10·m·eps) to
   linear dependence are treated as dependent; if ‖U⁺p‖² ≤ 10·m·eps·‖p‖², p is
   numerically orthogonal to the span of the unit rows and d = 0); the update
-  is assembled from
-  the unit rows, so tasks whose gradients differ by 1e±30 are exact. d is
+  is assembled from the unit rows, so tasks whose gradients differ by 1e±30
+  are exact. d is
   linear under positive per-task scalings of the gradients (methods.md §D).
   The weights w with d = Jᵀw are ``diagnostics["weights"]`` (they saturate at
   the dtype's largest value only if the row norms differ by more than ~1e38).

@@ -59,8 +59,8 @@ def edm(*, max_iters: Optional[int] = None, tol: float = 1e-9, task_specific=Non
   mean of their norms) instead of MGDA's min-norm length. The min-norm problem
   is solved exactly by :func:`mtl_optax.linalg.min_norm_on_simplex` (the
   reference code uses Frank–Wolfe). A zero task gradient makes the shared
-  update 0, as in the reference code. Weights are invariant to per-task
-  positive scalings of the gradients up to the norm factor 1/‖g_i‖.
+  update 0, as in the reference code. α depends only on the directions of the
+  gradients; d is non-conflicting (u_iᵀd ≥ 0 for every task, as MGDA's).
 
   Args:
     max_iters: active-set budget of the min-norm solver (default 4m + 10).
