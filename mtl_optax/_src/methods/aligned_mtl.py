@@ -43,8 +43,8 @@ def balance_transformation(gram: jax.Array, scale_mode: str = "min"):
 
   With G = VΛVᵀ, eigenvalues λ ≤ λ_max·m·eps(dtype) are treated as zero
   (dropped); σ is the smallest ("min"), the lower median ("median") or the
-  mean ("rmse": the mean of λ_k = σ_k², i.e. the squared RMS singular value)
-  of the kept eigenvalues. If no eigenvalue is kept (G = 0), B = I. B is
+  mean ("rmse": the mean of the λ_k = s_k², i.e. the squared RMS singular
+  value s of J) of the kept eigenvalues. If no eigenvalue is kept (G = 0), B = I. B is
   symmetric and invariant to a common scaling of G, and the aligned rows BJ
   satisfy (BJ)(BJ)ᵀ = B G B = σ·V_k V_kᵀ: orthogonal, of equal norm √σ, on the
   kept eigenspace.
@@ -73,7 +73,7 @@ def balance_transformation(gram: jax.Array, scale_mode: str = "min"):
     raise ValueError(f"aligned_mtl: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}.")
   inv_sqrt = jnp.where(keep, jax.lax.rsqrt(safe_lam), 0.0)
   coef = jnp.sqrt(jnp.where(rank > 0, sigma, 1.0)) * inv_sqrt
-  b = (vecs * coef[None, :]) @ vecs.T
+  b = jnp.matmul(vecs * coef[None, :], vecs.T, precision=jax.lax.Precision.HIGHEST)
   b = jnp.where(rank > 0, 0.5 * (b + b.T), jnp.eye(m, dtype=dtype))
   cond = jnp.where(rank > 0, jnp.max(lam) / jnp.min(jnp.where(keep, lam, jnp.inf)), 1.0)
   return b, rank, cond
@@ -107,6 +107,10 @@ def aligned_mtl(scale_mode: str = "min", pref_vector: Optional[Sequence[float]] 
   Diagnostics: ``rank`` (number of kept eigenvalues) and ``condition_number``
   (λ_max / λ_min over the kept eigenvalues).
 
+  Differences: the reference code's and TorchJD's cut-off uses float32's eps
+  whatever the dtype; ours uses the eps of the Gram matrix's dtype (float64
+  inputs keep more eigenvalues).
+
   Run on shared-representation gradients (``representation_update``) it is
   the paper's Aligned-MTL-UB.
 
@@ -125,7 +129,8 @@ def aligned_mtl(scale_mode: str = "min", pref_vector: Optional[Sequence[float]] 
     gram = view.gram
     p = pref_array(name, pref, m, 1.0 / m, gram.dtype)
     b, rank, cond = balance_transformation(gram, scale_mode)
-    return base.RuleOutput(state=inner, weights=b @ p,
+    w = jnp.matmul(b, p, precision=jax.lax.Precision.HIGHEST)
+    return base.RuleOutput(state=inner, weights=w,
                            diagnostics={"rank": rank, "condition_number": cond})
 
   return base.make_aggregator(rule, info, task_specific=task_specific, weight_heads=weight_heads,

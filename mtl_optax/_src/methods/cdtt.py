@@ -48,7 +48,7 @@ def direction_check(gram: Array, w: Array):
 
   def body(i, carry):
     w, count = carry
-    gv = gram[i] @ w
+    gv = jnp.dot(gram[i], w, precision=jax.lax.Precision.HIGHEST)
     bad = (gv < 0) & (diag[i] > 0)
     c = linalg.safe_div(diag[i], diag[i] - gv, fill=1.0)
     w_new = c * w

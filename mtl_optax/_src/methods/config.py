@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from mtl_optax._src import base
@@ -32,7 +33,7 @@ def config_coefficients(row_gram: jnp.ndarray, row_scales: jnp.ndarray, pref: jn
   cos = linalg.cosine_matrix(row_gram)
   # pinv cut-off: eigenvalues of C below 10·m·eps·λ_max are round-off.
   b = jnp.linalg.pinv(cos, rtol=10 * m * jnp.finfo(dtype).eps, hermitian=True) @ pref
-  cb = cos @ b
+  cb = jnp.matmul(cos, b, precision=jax.lax.Precision.HIGHEST)
   bcb = jnp.maximum(b @ cb, 0.0)
   # ‖U⁺p‖² = bᵀCb. At round-off level, p is orthogonal to the span of the unit
   # rows (e.g. opposite rows with p = 1): the direction is undefined, d = 0
@@ -58,14 +59,15 @@ def config(pref_vector: Optional[Sequence[float]] = None, *, task_specific=None,
       d̂ = U⁺p / ‖U⁺p‖,     d = (Σ_i g_iᵀd̂) · d̂,
 
   i.e. the direction whose cosines with the task gradients are proportional to
-  p (equal for the default p = 1), scaled by the sum of the projections of the
+  p (equal for the default p = 1) when the rows are linearly independent (the
+  least-squares / minimum-norm solution otherwise), scaled by the sum of the projections of the
   gradients onto it. Computed in Gram form (the cosine matrix C = UUᵀ and its
   pseudo-inverse, cut-off 10·m·eps·λ_max, so rows closer than ~√(10·m·eps) to
   linear dependence are treated as dependent; if ‖U⁺p‖² ≤ 10·m·eps·‖p‖², p is
   numerically orthogonal to the span of the unit rows and d = 0); the update
   is assembled from the unit rows, so tasks whose gradients differ by 1e±30
-  are exact. d is
-  linear under positive per-task scalings of the gradients (methods.md §D).
+  are exact. d is linear under positive per-task scalings of the gradients
+  (methods.md §D).
   The weights w with d = Jᵀw are ``diagnostics["weights"]`` (they saturate at
   the dtype's largest value only if the row norms differ by more than ~1e38).
 
@@ -81,7 +83,7 @@ def config(pref_vector: Optional[Sequence[float]] = None, *, task_specific=None,
 
   Reference:
     Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics
-    Informed Neural Networks", ICLR 2025 (arXiv 2408.11104), Eq. 2.
+    Informed Neural Networks", arXiv 2408.11104 (2024; ICLR 2025), Eq. 2.
   """
   name = "config"
   pref = check_pref_vector(name, pref_vector, num_tasks)
