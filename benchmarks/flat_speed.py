@@ -233,19 +233,20 @@ def main(argv=None) -> dict:
   else:
     configs = [("lenet", "CL_CR"), ("lenet", "CL_RR"), ("mlp", "CL_CR")]
   repeats = args.repeats or (3 if args.quick else 15)
-  report = {"configs": [run_config(t, e, repeats, 1 if args.quick else args.warmup, args.pause)
-                        for e, t in configs],
-            "rho": RHO, "perturbation": "adaptive, norm='joint' (FS-MTL multi-MNIST)",
+  out = pathlib.Path(args.out) if args.out else RESULTS / (
+      "flat_speed_quick.json" if args.quick else "flat_speed.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  report = {"configs": [], "rho": RHO,
+            "perturbation": "adaptive, norm='joint' (FS-MTL multi-MNIST)",
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "optax": optax.__version__},
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-  for cfg in report["configs"]:
+  for e, t in configs:
+    cfg = run_config(t, e, repeats, 1 if args.quick else args.warmup, args.pause)
+    report["configs"].append(cfg)
     print_table(cfg)
-  out = pathlib.Path(args.out) if args.out else RESULTS / (
-      "flat_speed_quick.json" if args.quick else "flat_speed.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=1))
+    out.write_text(json.dumps(report, indent=1))  # after every configuration
   print(f"\nwrote {out}")
   return report
 

@@ -1,6 +1,7 @@
-"""Multi-task evaluation metrics: Δm%, mean rank, interference, fixed weights.
+"""Multi-task evaluation metrics: Δm%, mean rank, interference, fixed weights, sharpness.
 
-``import mtl_optax as mo; mo.metrics.delta_m(...)``. See `mtl_optax._src.metrics`.
+``import mtl_optax as mo; mo.metrics.delta_m(...)``. See `mtl_optax._src.metrics` and
+`mtl_optax._src.sharpness` (``sharpness``: per-task L_i(θ + ε_i) − L_i(θ)).
 """
 
 from mtl_optax._src.metrics import delta_m
@@ -9,6 +10,7 @@ from mtl_optax._src.metrics import interference
 from mtl_optax._src.metrics import interference_from_gram
 from mtl_optax._src.metrics import mean_rank
 from mtl_optax._src.metrics import spearman
+from mtl_optax._src.sharpness import sharpness
 
 __all__ = (
     "delta_m",
@@ -16,5 +18,6 @@ __all__ = (
     "interference",
     "interference_from_gram",
     "mean_rank",
+    "sharpness",
     "spearman",
 )

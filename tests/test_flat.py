@@ -16,7 +16,8 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from tests.test_sharpness import M, algorithm1, is_head, leaves_of, loss_fn, make_problem
+from tests.test_sharpness import (M, algorithm1, is_head, leaves_of, loss_fn, make_problem,
+                                  task_value_and_grad)
 
 RHO_SH, RHO_NS = 0.2, 0.4
 
@@ -26,15 +27,17 @@ AGGREGATORS = {
     "pcgrad": lambda: mo.pcgrad(seed=3),
     "cagrad": lambda: mo.cagrad(c=0.4),
     "imtl": lambda: mo.imtl(),
-    "nash_mtl": lambda: mo.nash_mtl(),
+    "nash_mtl": lambda: mo.nash_mtl(num_tasks=M),
 }
 HEADS_WEIGHTED = {"mean"}
 
 
 # (adaptive, partition) cases: all four for the cheap closed-form methods; the two
 # "diagonal" ones for the solver-based methods (each still sees adaptive on and off,
-# with and without a partition), to keep the file under a minute of CPU (eager
-# while-loops recompile at every call).
+# with and without a partition); Nash-MTL only the full case. This keeps the file
+# under a minute of CPU (eager while-loops recompile at every call). The offsets and
+# SAM gradients themselves are checked against Algorithm 1 for all four cases in
+# test_sharpness.py.
 ALL_CASES = [(False, False), (False, True), (True, False), (True, True)]
 DIAGONAL = [(False, False), (True, True)]
 
@@ -45,7 +48,10 @@ def _agg_cases():
     marks = ()
     if not hasattr(mo, name):
       marks = pytest.mark.skip(reason=f"mo.{name} does not exist yet")
-    for adaptive, partition in (ALL_CASES if name in ("mean", "imtl") else DIAGONAL):
+    cases = ALL_CASES if name in ("mean", "imtl") else DIAGONAL
+    if name == "nash_mtl":  # its solver is the slowest to compile: the full case only
+      cases = [(True, True)]
+    for adaptive, partition in cases:
       out.append(pytest.param(name, adaptive, partition, marks=marks,
                               id=f"{name}-adaptive={adaptive}-partition={partition}"))
   return out
@@ -59,7 +65,7 @@ def reference_grads(adaptive, partition):
     _, sam, _ = algorithm1(params, x, y, RHO_SH, RHO_NS, adaptive, partition)
     loss = []
     for i in range(M):
-      g = jax.grad(lambda p, i=i: loss_fn(p, x, y)[i])(params)
+      _, g = task_value_and_grad(params, x, y, i)
       loss.append([np.asarray(v) for v in jax.tree_util.tree_leaves(g)])
     loss = [np.stack([r[k] for r in loss]) for k in range(len(loss[0]))]
     return params, x, y, loss, sam
@@ -153,37 +159,14 @@ def test_decomposed_matches_algorithm1(name, adaptive, partition, x64):
     np.testing.assert_allclose(mo.task_weights(state), weights, rtol=1e-12)
 
 
-@pytest.mark.parametrize("variant,name", [("direct", "mean"), ("direct", "pcgrad"),
-                                          ("each", "pcgrad"), ("second", "mean"),
+@pytest.mark.parametrize("variant,name", [("direct", "pcgrad"),
+                                          ("each", "imtl"), ("second", "mean"),
                                           ("second", "pcgrad")])
 def test_ablation_variants_match_reference(variant, name, x64):
   got, _ = flat_update(name, variant, adaptive=True, partition=True)
   *_, want, _ = reference_update(name, variant, True, True)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
-
-
-@pytest.mark.parametrize("name", ["mean", "mgda", "pcgrad", "cagrad", "imtl"]
-                         + (["nash_mtl"] if hasattr(mo, "nash_mtl") else []))
-def test_rho_zero_reproduces_the_vanilla_aggregator_exactly(name, x64):
-  params, losses, grads, sam = library_grads(True, True, 0.0, 0.0)
-  for a, b in zip(leaves_of(grads), leaves_of(sam)):
-    np.testing.assert_array_equal(a, b)  # ρ = 0: the SAM gradients are the loss gradients
-  flat_tx = mo.flat(AGGREGATORS[name](), task_specific=is_head)
-  van = {"mean": lambda: mo.mean(task_specific=is_head),
-         "mgda": lambda: mo.mgda(task_specific=is_head),
-         "pcgrad": lambda: mo.pcgrad(seed=3, task_specific=is_head),
-         "cagrad": lambda: mo.cagrad(c=0.4, task_specific=is_head),
-         "imtl": lambda: mo.imtl(task_specific=is_head),
-         "nash_mtl": lambda: mo.nash_mtl(task_specific=is_head)}[name]()
-  fs, vs = flat_tx.init(params), van.init(params)
-  for _ in range(2 if name == "pcgrad" else 1):  # PCGrad's key stays in sync
-    uf, fs = flat_tx.update(grads, fs, params, losses=losses, sam_grads=sam)
-    uv, vs = van.update(grads, vs, params, losses=losses)
-    for a, b in zip(leaves_of(uf), leaves_of(uv)):
-      np.testing.assert_array_equal(a, b)
-  for k, v in mo.diagnostics(vs).items():
-    np.testing.assert_array_equal(mo.diagnostics(fs)[k], v, err_msg=k)
 
 
 def test_flat_mean_is_sam_on_each_task_separately(partition=True):
@@ -193,11 +176,10 @@ def test_flat_mean_is_sam_on_each_task_separately(partition=True):
     rho = 0.3
     want = None
     for i in range(2):
-      loss_i = lambda p, i=i: loss_fn(p, x, y)[i]
-      g = jax.grad(loss_i)(params)
+      _, g = task_value_and_grad(params, x, y, i)
       n = np.sqrt(sum(np.sum(np.asarray(v) ** 2) for v in jax.tree_util.tree_leaves(g)))
       point = jax.tree.map(lambda p, gi: p + rho * gi / (n + 1e-12), params, g)
-      gs = jax.tree.map(lambda v: 0.5 * np.asarray(v), jax.grad(loss_i)(point))
+      gs = jax.tree.map(lambda v: 0.5 * np.asarray(v), task_value_and_grad(point, x, y, i)[1])
       want = gs if want is None else jax.tree.map(np.add, want, gs)
     ts = is_head if partition else None
     pert = mo.task_perturbation(rho, rho, norm="joint", task_specific=ts)
@@ -228,8 +210,11 @@ class JitEquality(chex.TestCase):
 def test_state_structure_is_constant_with_num_tasks(x64):
   params, losses, grads, sam = library_grads(False, True)
   for variant in ("decomposed", "direct", "each", "second"):
-    tx = mo.flat(mo.pcgrad(num_tasks=M), variant, task_specific=is_head) if variant in (
-        "decomposed", "direct") else mo.flat(mo.pcgrad(), variant, task_specific=is_head)
+    if variant == "decomposed":  # stateful: PCGrad's PRNG key
+      tx = mo.flat(mo.pcgrad(num_tasks=M), variant, task_specific=is_head)
+    else:
+      inner = mo.imtl(num_tasks=M) if variant == "direct" else mo.imtl()
+      tx = mo.flat(inner, variant, task_specific=is_head)
     state = tx.init(params)
     _, new = tx.update(grads, state, params, losses=losses, sam_grads=sam)
     if variant in ("decomposed", "direct"):
@@ -239,6 +224,7 @@ def test_state_structure_is_constant_with_num_tasks(x64):
     # Independent states: the loss and flat aggregations each advanced their own key.
     if variant in ("decomposed", "second"):
       assert new.loss.count == 1 and new.flat.count == 1
+    if variant == "decomposed":
       assert not np.array_equal(new.loss.inner, state.loss.inner)
       np.testing.assert_array_equal(new.loss.inner, new.flat.inner)  # same seed, same history
     if variant == "each":

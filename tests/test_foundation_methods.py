@@ -126,6 +126,20 @@ def test_mgda_normalisations_match_reference(x64):
     np.testing.assert_allclose(d, ref @ jn, rtol=1e-4, atol=1e-6)
 
 
+def test_mgda_resolves_tiny_normalised_rows(x64):
+  """Collinear rows, opposite pair, losses 4e2 … 1e-3 ("loss+"): 0 is in the hull.
+
+  Found by the reliability suite: with a fixed multiplier tolerance of 1e-9 the
+  active set stopped at a vertex (‖d‖ = 2e-3); float64 now resolves d to round-off.
+  """
+  v = P.normal_matrix(1, 6, seed=3)[0]
+  j = np.stack([0.0132 * v, -0.0139 * v, 0.067 * v])
+  losses = np.array([407.8, 78.5, 1.04e-3])
+  d, state = P.aggregate(mo.mgda("loss+"), j, losses)
+  assert np.linalg.norm(d) <= 1e-8 * np.linalg.norm(j[2]) / losses[2]
+  assert np.all(np.asarray(mo.task_weights(state)) >= 0)
+
+
 def test_mgda_loss_normalisation_needs_losses():
   with pytest.raises(ValueError, match="losses="):
     P.aggregate(mo.mgda("loss"), P.normal_matrix(2, 3))
@@ -160,7 +174,9 @@ def cagrad_reference(j, c, rescale):
 @pytest.mark.parametrize("m", [2, 3, 5, 8])
 def test_cagrad_matches_scipy_dual(m, x64):
   for c in (0.2, 0.5, 1.0):
-    txs = {r: mo.cagrad(c=c, rescale=r) for r in (0, 1, 2)}
+    # Every c and m without rescaling; the two rescalings (a final division) once.
+    rescales = (0, 1, 2) if (m, c) == (3, 0.5) else (0,)
+    txs = {r: mo.cagrad(c=c, rescale=r) for r in rescales}
     for seed in range(2):
       j = P.normal_matrix(m, 10, seed=seed + 10 * m)
       ref, _ = cagrad_reference(j, c, 0)

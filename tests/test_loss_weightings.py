@@ -19,6 +19,7 @@ from scipy import stats
 
 import mtl_optax as mo
 from tests import properties as P
+from tests.registry import ENTRIES
 
 M, N = 3, 5
 
@@ -382,6 +383,34 @@ def test_state_round_trip_is_bit_identical(name):
     np.testing.assert_array_equal(a, b)
   assert step._cache_size() == 1  # restored state has the same structure and dtypes
 
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_stateful_update_with_donated_state(name):
+  """``jax.jit(tx.update, donate_argnums=(1,))`` works and changes nothing.
+
+  Every leaf of a state must own its buffer: leaves sharing one array (e.g. a
+  zeros vector reused for several fields) cannot be donated. The chain that
+  donates its state is compared with one that only donates fresh copies.
+  """
+  entry = ENTRIES[name]
+  m = max(M, entry.min_tasks)
+  tx = entry.build(m)
+  params = {"w": jnp.zeros(N)}
+  state = tx.init(params)
+  if not jax.tree_util.tree_leaves(state.inner):
+    pytest.skip("stateless method")
+  extra = entry.extra(m) if entry.extra is not None else {}
+  step = jax.jit(lambda g, s, l, e: tx.update({"w": g}, s, params, losses=l, epoch=e, **extra),
+                 donate_argnums=(1,))
+  js, ls = problem(4, m=m, seed=5)
+  donated, copied = state, jax.tree_util.tree_map(jnp.copy, state)
+  for t, (j, l) in enumerate(zip(js, ls)):
+    args = (jnp.asarray(j, jnp.float32), jnp.asarray(l, jnp.float32), jnp.int32(t))
+    a, donated = step(args[0], donated, *args[1:])
+    b, copied = step(args[0], jax.tree_util.tree_map(jnp.copy, copied), *args[1:])
+    np.testing.assert_array_equal(a["w"], b["w"])
+  chex.assert_trees_all_equal(donated, copied)
 
 def test_orbax_round_trip(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")

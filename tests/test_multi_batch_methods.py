@@ -15,20 +15,9 @@ from scipy import linalg as sla
 
 import mtl_optax as mo
 from mtl_optax._src.methods import rotograd as rotograd_lib
+from tests.references import simplex_projection_ref
 
 M, N, STEPS = 3, 6, 5
-
-
-def simplex_projection_ref(v):
-  """Euclidean projection onto the simplex by bisection on the threshold."""
-  lo, hi = v.min() - 1.0, v.max()
-  for _ in range(200):
-    tau = 0.5 * (lo + hi)
-    if np.maximum(v - tau, 0).sum() > 1:
-      lo = tau
-    else:
-      hi = tau
-  return np.maximum(v - 0.5 * (lo + hi), 0)
 
 
 def triples(seed=0, m=M, n=N, steps=STEPS):

@@ -5,6 +5,8 @@ of L_i, NumPy norms over the shared / head leaves, per-task perturbed
 parameters (Phan et al., Algorithm 1, line by line).
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,12 @@ def head_mask(params, partition):
   return [is_head(path, leaf) for path, leaf in leaves_paths]
 
 
+@jax.jit
+def task_value_and_grad(p, x, y, i):
+  """L_i and ∇L_i for ONE task (a plain per-task jax.grad; jitted once for all i)."""
+  return jax.value_and_grad(lambda q: loss_fn(q, x, y)[i])(p)
+
+
 def algorithm1(params, x, y, rho_sh, rho_ns, adaptive, partition, joint=False, eps=1e-12):
   """Offsets ε_i and SAM gradients by a Python loop over tasks (NumPy norms)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -58,8 +66,8 @@ def algorithm1(params, x, y, rho_sh, rho_ns, adaptive, partition, joint=False, e
   m = len(params["heads"])
   offsets, sam, perturbed_losses = [], [], []
   for i in range(m):
-    loss_i = lambda p, i=i: loss_fn(p, x, y)[i]
-    g = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(jax.grad(loss_i)(params))]
+    _, g = task_value_and_grad(params, x, y, i)
+    g = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(g)]
     t = [np.abs(p) if adaptive else np.ones_like(p) for p in p_np]
     eps_i = []
     for group_is_head, rho in ((False, rho_sh), (True, rho_ns)):
@@ -72,7 +80,7 @@ def algorithm1(params, x, y, rho_sh, rho_ns, adaptive, partition, joint=False, e
           eps_i[k] = rho * t[k] ** 2 * g[k] / (n + eps)
     point = jax.tree_util.tree_unflatten(
         treedef, [jnp.asarray(p + e, leaves[k].dtype) for k, (p, e) in enumerate(zip(p_np, eps_i))])
-    val, gs = jax.value_and_grad(loss_i)(point)
+    val, gs = task_value_and_grad(point, x, y, i)
     offsets.append(eps_i)
     sam.append([np.asarray(v) for v in jax.tree_util.tree_leaves(gs)])
     perturbed_losses.append(float(val))
@@ -224,10 +232,17 @@ def test_aux_comes_from_the_unperturbed_pass(x64):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_rho_zero_returns_the_loss_gradients():
-  params, x, y = make_problem(dtype=jnp.float32)
-  pert = mo.task_perturbation(0.0, 0.0, adaptive=True, task_specific=is_head)
-  _, grads, sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+@functools.lru_cache(maxsize=None)
+def _rho_zero_grads():
+  with jax.enable_x64(True):
+    params, x, y = make_problem()
+    pert = mo.task_perturbation(0.0, 0.0, adaptive=True, task_specific=is_head)
+    return (params, x, y) + tuple(mo.sharpness_aware_task_grads(loss_fn, params, x, y,
+                                                                perturbation=pert))
+
+
+def test_rho_zero_returns_the_loss_gradients(x64):
+  params, x, y, _, grads, sam = _rho_zero_grads()
   for a, b in zip(leaves_of(grads), leaves_of(sam)):
     np.testing.assert_array_equal(a, b)
   # A custom (non-task_perturbation) zero perturbation goes through the perturbed pass.
@@ -235,7 +250,33 @@ def test_rho_zero_returns_the_loss_gradients():
       loss_fn, params, x, y, perturbation=mo.task_perturbation(0.0, 0.0)._replace(
           update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), s)))
   for a, b in zip(leaves_of(grads), leaves_of(sam2)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+VANILLA = {
+    "mean": lambda ts: mo.mean(task_specific=ts),
+    "mgda": lambda ts: mo.mgda(task_specific=ts),
+    "pcgrad": lambda ts: mo.pcgrad(seed=3, task_specific=ts),
+    "cagrad": lambda ts: mo.cagrad(c=0.4, task_specific=ts),
+    "imtl": lambda ts: mo.imtl(task_specific=ts),
+    "nash_mtl": lambda ts: mo.nash_mtl(num_tasks=M, task_specific=ts),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in VANILLA if hasattr(mo, n)])
+def test_rho_zero_flat_reproduces_the_vanilla_aggregator_exactly(name, x64):
+  """mo.flat(A) at ρ = 0 is bit-identical to A (same partition, same state history)."""
+  params, _, _, losses, grads, sam = _rho_zero_grads()
+  flat_tx = mo.flat(VANILLA[name](None), task_specific=is_head)
+  van = VANILLA[name](is_head)
+  fs, vs = flat_tx.init(params), van.init(params)
+  for _ in range(2 if name == "pcgrad" else 1):  # PCGrad's key stays in sync
+    uf, fs = flat_tx.update(grads, fs, params, losses=losses, sam_grads=sam)
+    uv, vs = van.update(grads, vs, params, losses=losses)
+    for a, b in zip(leaves_of(uf), leaves_of(uv)):
+      np.testing.assert_array_equal(a, b)
+  for k, v in mo.diagnostics(vs).items():
+    np.testing.assert_array_equal(mo.diagnostics(fs)[k], v, err_msg=k)
 
 
 class JitEquality(chex.TestCase):
@@ -277,3 +318,35 @@ def test_sharpness_matches_reference(adaptive, norm, x64):
     sharpness_lib.sharpness(loss_fn, params, x, y, rhos=[0.1, -0.1])
   with pytest.raises(ValueError, match="rhos"):
     sharpness_lib.sharpness(loss_fn, params, x, y, rhos=[])
+
+
+@pytest.mark.parametrize("adaptive,partition", [(False, False), (True, True)])
+def test_metrics_sharpness_at_one_perturbation_matches_algorithm1(adaptive, partition, x64):
+  """mo.metrics.sharpness(rho_shared=, rho_task=): L_i(θ + ε_i) − L_i(θ), ε_i as in training."""
+  params, x, y = make_problem()
+  ts = is_head if partition else None
+  got = mo.metrics.sharpness(loss_fn, params, x, y, rho_shared=0.1, rho_task=0.3,
+                             adaptive=adaptive, task_specific=ts)
+  assert got.shape == (M,)
+  _, _, perturbed = algorithm1(params, x, y, 0.1, 0.3, adaptive, partition)
+  want = perturbed - np.asarray(loss_fn(params, x, y))
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-13)
+  # Zero radii: exactly zero.
+  zero = mo.metrics.sharpness(loss_fn, params, x, y, rho_shared=0.0, rho_task=0.0,
+                              adaptive=adaptive, task_specific=ts)
+  np.testing.assert_array_equal(zero, np.zeros(M))
+  if partition:
+    # rho_task defaults to rho_shared, and then agrees with the rhos= form.
+    same = mo.metrics.sharpness(loss_fn, params, x, y, rho_shared=0.2, adaptive=adaptive,
+                                task_specific=ts)
+    listed = mo.metrics.sharpness(loss_fn, params, x, y, rhos=[0.2], adaptive=adaptive,
+                                  task_specific=ts)
+    np.testing.assert_allclose(same, listed[0], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="exactly one"):
+      mo.metrics.sharpness(loss_fn, params, x, y)
+    with pytest.raises(ValueError, match="exactly one"):
+      mo.metrics.sharpness(loss_fn, params, x, y, rhos=[0.1], rho_shared=0.1)
+    with pytest.raises(ValueError, match="rho_task"):
+      mo.metrics.sharpness(loss_fn, params, x, y, rhos=[0.1], rho_task=0.1)
+    with pytest.raises(ValueError, match="rho_task"):
+      mo.metrics.sharpness(loss_fn, params, x, y, rho_shared=0.1, rho_task=-1.0)

@@ -14,6 +14,7 @@ import pytest
 
 import mtl_optax as mo
 from tests import properties as P
+from tests.references import simplex_projection_ref
 
 M, N, STEPS = 3, 10, 5
 PARAMS_SHAPES = {"a": (2, 3), "b": (4,)}
@@ -95,18 +96,6 @@ def graddrop_ref(j, u, leak):
     mask = ((purity > u) & (j[i] > 0)) | ((purity < u) & (j[i] < 0))
     out += (leak[i] + (1 - leak[i]) * mask) * j[i]
   return out
-
-
-def simplex_projection_ref(v):
-  """Euclidean projection onto the simplex by bisection on the threshold."""
-  lo, hi = v.min() - 1.0, v.max()
-  for _ in range(200):
-    tau = 0.5 * (lo + hi)
-    if np.maximum(v - tau, 0).sum() > 1:
-      lo = tau
-    else:
-      hi = tau
-  return np.maximum(v - 0.5 * (lo + hi), 0)
 
 
 def softmax(x):

@@ -242,6 +242,51 @@ def _task_finite(leaves, losses, m):
   return ok
 
 
+# Bounds on every non-zero ‖g_i‖² for the one-pass Gram path (see _gram_and_finite).
+_FAST_MIN_SQ_NORM = 2.0 ** -40
+_FAST_MAX_SQ_NORM = 2.0 ** 100
+
+
+def _gram_and_finite(shared, heads_leaves, losses, m):
+  """Per-row-scaled Gram pair and per-task finiteness, in one pass in the common case.
+
+  The plain Gram matrix G = JJᵀ of the shared leaves is computed first. When its
+  diagonal is finite and every non-zero ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every
+  task row is finite (a NaN or inf entry makes ‖g_i‖² non-finite), no product
+  or sum over- or underflows beyond round-off (underflowed products total
+  < P·2⁻¹²⁶ ≪ eps·2⁻⁴⁰), and the per-row-scaled pair follows exactly from G:
+  s_i = the power of two nearest ‖g_i‖, R = diag(1/s) G diag(1/s). Otherwise
+  (non-finite entries; gradients beyond ~1e±12 ... 1e15) the exact path runs
+  instead (``lax.cond``: one branch executes): per-task finiteness, non-finite
+  rows zeroed, rows divided by powers of two near their largest entry before
+  the products. The common case thus reads the gradients once, not four times
+  (finiteness, zeroing, row maxima, Gram).
+
+  Returns ``(row_gram, row_scales, finite)``; ``finite`` also covers the
+  task-specific leaves and the losses.
+  """
+  gram = linalg.gram_matrix(shared)
+  diag = jnp.diagonal(gram)
+  in_range = (diag == 0) | ((diag >= _FAST_MIN_SQ_NORM) & (diag <= _FAST_MAX_SQ_NORM))
+  fast = jnp.all(jnp.isfinite(diag) & in_range)
+
+  def one_pass(_):
+    scales = linalg.power_of_two_scale(jnp.sqrt(diag))
+    inv = 1.0 / scales   # exact: powers of two within [2^-20, 2^50]
+    return gram * inv[:, None] * inv[None, :], scales.astype(gram.dtype), jnp.ones((m,), bool)
+
+  def exact(_):
+    finite = _task_finite(shared, None, m)
+    clean = [jnp.where(finite.reshape((m,) + (1,) * (l.ndim - 1)), l, jnp.zeros((), l.dtype))
+             for l in shared]
+    scales = linalg.power_of_two_scale(linalg.rows_max_abs(clean))
+    row_gram = linalg.gram_matrix(clean, scales[:, None])
+    return row_gram, scales.astype(row_gram.dtype), finite
+
+  row_gram, row_scales, finite = jax.lax.cond(fast, one_pass, exact, None)
+  return row_gram, row_scales, finite & _task_finite(heads_leaves, losses, m)
+
+
 def make_aggregator(
     rule: Rule,
     info: AggregatorInfo,
@@ -303,19 +348,22 @@ def make_aggregator(
           f"{info.name}: every leaf is marked task-specific; there is nothing to "
           "aggregate (check task_specific=).")
 
-    finite = _task_finite(leaves, losses, m)
+    row_gram, row_scales, finite = _gram_and_finite(
+        [leaves[i] for i in shared_idx], [leaves[i] for i in range(len(leaves)) if heads[i]],
+        losses, m)
     n_bad = jnp.sum(~finite).astype(jnp.int32)
-    leaves = [jnp.where(finite.reshape((m,) + (1,) * (l.ndim - 1)), l, jnp.zeros((), l.dtype))
-              for l in leaves]
+    if nonfinite == "zero_task":
+      # The method runs on the finite tasks only. (With "skip" the whole step
+      # is discarded, so the gradients are not copied: the rule may see
+      # non-finite rows, its outputs are replaced below.)
+      leaves = [jnp.where(finite.reshape((m,) + (1,) * (l.ndim - 1)), l, jnp.zeros((), l.dtype))
+                for l in leaves]
     if losses is not None:
       mean_ok = linalg.safe_div(jnp.sum(jnp.where(finite, losses, 0.0)),
                                 jnp.sum(finite).astype(losses.dtype), fill=1.0)
       losses = jnp.where(finite, losses, mean_ok)
 
     shared = [leaves[i] for i in shared_idx]
-    row_scales = linalg.power_of_two_scale(linalg.rows_max_abs(shared))
-    row_gram = linalg.gram_matrix(shared, row_scales[:, None])
-    row_scales = row_scales.astype(row_gram.dtype)
     scale = jnp.max(row_scales)
     gram = linalg.scaled_gram(row_gram, jnp.log2(row_scales))
     view = TaskGradients(shared=shared, gram=gram, scale=scale, losses=losses,
@@ -352,6 +400,11 @@ def make_aggregator(
       new_leaves = [jnp.where(any_bad, jnp.zeros_like(u), u) for u in new_leaves]
       new_inner = jax.tree_util.tree_map(
           lambda new, old: jnp.where(any_bad, old, new), new_inner, state.inner)
+      # A skipped step's rule diagnostics may come from non-finite rows: non-finite
+      # entries are reported as 0 (the Gram-based ones are computed without them).
+      diag = jax.tree_util.tree_map(
+          lambda d: jnp.where(any_bad & ~jnp.isfinite(d), jnp.zeros((), d.dtype), d)
+          if jnp.issubdtype(d.dtype, jnp.inexact) else d, diag)
     new_state = AggregatorState(inner=new_inner, diagnostics=diag, count=state.count + 1)
     return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 

@@ -216,12 +216,7 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
       raise ValueError(f"{name}: every leaf is marked task-specific; nothing to aggregate.")
 
     # Non-finite inputs: skip the step (rows zeroed so the solvers stay finite).
-    finite = jnp.ones((m,), bool)
-    for leaf in leaves + list(sam_leaves):
-      if leaf.size:
-        finite = finite & jnp.all(jnp.isfinite(leaf.reshape(m, -1)), axis=1)
-    if losses is not None:
-      finite = finite & jnp.isfinite(losses)
+    finite = base._task_finite(leaves + list(sam_leaves), losses, m)  # pylint: disable=protected-access
     n_bad = jnp.sum(~finite).astype(jnp.int32)
     bad = n_bad > 0
 

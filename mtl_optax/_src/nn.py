@@ -30,7 +30,7 @@ gradient) and can be computed once per batch. On GPU/TPU use
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -214,6 +214,23 @@ def banded_conv(
   return conv_from_patches(p, kernel, block_width=block_width)
 
 
+def _conv_layer(module: nn.Module, in_features: int,
+                conv: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """Parameters and bias of a conv layer, as ``flax.linen.Conv`` names and shapes them.
+
+  Declares ``kernel`` (HWIO: ``(*kernel_size, in_features, features)``) in
+  ``module`` (inside its compact ``__call__``), applies ``conv(kernel)`` and
+  adds the per-channel ``bias`` if ``module.use_bias``.
+  """
+  kernel = module.param(
+      "kernel", module.kernel_init,
+      (*module.kernel_size, in_features, module.features))
+  y = conv(kernel)
+  if module.use_bias:
+    y = y + module.param("bias", module.bias_init, (module.features,))
+  return y
+
+
 class PatchConv(nn.Module):
   """Convolution layer applied to precomputed `image_patches`.
 
@@ -238,13 +255,9 @@ class PatchConv(nn.Module):
 
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
-    kernel = self.param(
-        "kernel", self.kernel_init,
-        (*self.kernel_size, self.in_features, self.features))
-    y = conv_from_patches(patches, kernel, block_width=self.block_width)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,))
-    return y
+    return _conv_layer(self, self.in_features,
+                       lambda kernel: conv_from_patches(patches, kernel,
+                                                        block_width=self.block_width))
 
 
 class BandedConv(nn.Module):
@@ -269,10 +282,6 @@ class BandedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-        "kernel", self.kernel_init,
-        (*self.kernel_size, x.shape[-1], self.features))
-    y = banded_conv(x, kernel.astype(x.dtype), block_width=self.block_width)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,))
-    return y
+    return _conv_layer(self, x.shape[-1],
+                       lambda kernel: banded_conv(x, kernel.astype(x.dtype),
+                                                  block_width=self.block_width))

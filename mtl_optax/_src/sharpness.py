@@ -16,8 +16,9 @@ g_i^SAM = ∇L_i(θ + ε_i). This module provides
   gradients at θ + ε_i, the latter for all tasks in ONE vmapped call (task i
   evaluates only its own loss at its own point: m forward + backward passes,
   not m²);
-* :func:`sharpness` — the sharpness measure L_i(θ + ε_i) − L_i(θ) per task for
-  several radii (the evaluation of the FS-MTL code).
+* :func:`sharpness` (``mo.metrics.sharpness``) — the sharpness measure
+  L_i(θ + ε_i) − L_i(θ) per task, at one perturbation or for several radii
+  (the evaluation of the FS-MTL code).
 
 The SAM gradients feed :func:`mtl_optax.flat`, which turns any aggregator into
 its flat (F-) version::
@@ -371,7 +372,9 @@ def sharpness(
     loss_fn: Callable[..., Any],
     params: PyTree,
     *args,
-    rhos: Sequence[float],
+    rhos: Optional[Sequence[float]] = None,
+    rho_shared: Optional[float] = None,
+    rho_task: Optional[float] = None,
     adaptive: bool = False,
     task_specific=None,
     norm: str = "separate",
@@ -382,51 +385,93 @@ def sharpness(
     eps: float = 1e-12,
     **kwargs,
 ) -> jax.Array:
-  """Per-task sharpness L_i(θ + ε_i(ρ)) − L_i(θ) for several radii ρ.
+  """Per-task sharpness: the loss increase of each task at its own SAM offset.
 
-  ε_i(ρ) is the SAM offset of :func:`task_perturbation` with
-  ρ_sh = ρ_ns = ρ (the worst case to first order inside the ball of radius ρ),
-  so the value is the first-order-worst-case loss increase of task i — the
-  sharpness the FS-MTL code logs during training (``--rho_eval``; its
-  multi-MNIST script uses ``norm="joint"``). The loss gradients are computed
-  once; the offsets are linear in ρ, and each radius costs m forward passes
-  (one vmapped call over tasks, radii in sequence).
+  For every task i, with ε_i the offset of :func:`task_perturbation` (computed
+  from the loss gradients g_i at θ, T = |θ| if ``adaptive`` else 1),
+
+      S_i = L_i(θ + ε_i) − L_i(θ),
+      ε_sh^i = ρ_sh · T² g_sh^i / (‖T g_sh^i‖ + eps),   ε_ns^i = ρ_ns · T² g_ns^i / (‖T g_ns^i‖ + eps),
+
+  i.e. the first-order worst-case loss increase of task i inside its
+  perturbation ball: the sharpness the flat method minimises and the FS-MTL
+  code logs (``--rho_eval``; its multi-MNIST script uses ``norm="joint"``).
+  Beyond first order S_i can be negative (e.g. for a large radius), so it is
+  not clipped.
+
+  Two forms (give exactly one of ``rho_shared`` and ``rhos``):
+
+  * ``rho_shared=ρ_sh, rho_task=ρ_ns`` (ρ_ns defaults to ρ_sh): ε_i is exactly
+    the output of ``task_perturbation(ρ_sh, ρ_ns, adaptive, task_specific,
+    eps, norm=norm)`` — the perturbation used in training; returns ``(m,)``.
+  * ``rhos=[ρ_1, ..., ρ_R]``: ρ_sh = ρ_ns = ρ_r for each radius (the offsets
+    are linear in ρ, so the loss gradients and the unit offsets are computed
+    once; ``rhos`` may be traced); returns ``(R, m)``, row r at ``rhos[r]``.
+
+  Cost: one ``task_grads`` pass, then m forward passes per radius (one vmapped
+  call over tasks, or chunks of ``chunk_size``; radii in sequence).
 
   Args:
     loss_fn, params, *args, has_aux, mode, chunk_size, task_loss_fn, **kwargs:
-      as for :func:`sharpness_aware_task_grads`.
-    rhos: the radii (non-negative).
-    adaptive, task_specific, norm, eps: as for :func:`task_perturbation`.
+      as for :func:`sharpness_aware_task_grads` (``loss_fn(params, *args) ->
+      losses (m,)``).
+    rhos: several radii (finite, non-negative), or None.
+    rho_shared: the shared radius ρ_sh of a single perturbation, or None.
+    rho_task: the task-specific radius ρ_ns (default None: ρ_sh).
+    adaptive, task_specific, norm, eps: as for :func:`task_perturbation`
+      (defaults False, None, "separate", 1e-12).
 
   Returns:
-    ``(len(rhos), m)`` array; row r holds the m task sharpness values at
-    ``rhos[r]``.
+    ``(m,)`` with ``rho_shared=``; ``(len(rhos), m)`` with ``rhos=``.
+
+  References:
+    Phan et al., "Beyond Losses Reweighting: Empowering Multi-Task Learning via
+    the Generalization Perspective", ICCV 2025 (arXiv 2211.13723);
+    Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021 (the sharpness max_{‖ε‖≤ρ} L(θ + ε) − L(θ)).
   """
-  rho_arr = jnp.atleast_1d(jnp.asarray(rhos))
-  if rho_arr.ndim != 1 or rho_arr.shape[0] == 0:
-    raise ValueError(f"sharpness: rhos must be a non-empty 1-D sequence, got {rhos!r}.")
-  try:
-    concrete = [float(r) for r in rho_arr]
-  except jax.errors.ConcretizationTypeError:
-    concrete = None
-  if concrete is not None and not all(r >= 0 and r != float("inf") for r in concrete):
-    raise ValueError(f"sharpness: every radius must be finite and non-negative, got {rhos!r}.")
+  if (rhos is None) == (rho_shared is None):
+    raise ValueError("sharpness: pass exactly one of rho_shared= (one perturbation, as "
+                     "task_perturbation) and rhos= (a list of radii).")
+  if rhos is None and rho_task is None:
+    rho_task = rho_shared
+  if rhos is not None and rho_task is not None:
+    raise ValueError("sharpness: rho_task= goes with rho_shared=; with rhos= every radius "
+                     "applies to the shared and the task-specific leaves alike.")
   _check_chunk(chunk_size, "sharpness")
-  unit = task_perturbation(1.0, 1.0, adaptive=adaptive, task_specific=task_specific, eps=eps,
-                           norm=norm)
+  if rhos is None:
+    pert = task_perturbation(rho_shared, rho_task, adaptive=adaptive,
+                             task_specific=task_specific, eps=eps, norm=norm)
+  else:
+    rho_arr = jnp.atleast_1d(jnp.asarray(rhos))
+    if rho_arr.ndim != 1 or rho_arr.shape[0] == 0:
+      raise ValueError(f"sharpness: rhos must be a non-empty 1-D sequence, got {rhos!r}.")
+    try:
+      concrete = [float(r) for r in rho_arr]
+    except jax.errors.ConcretizationTypeError:
+      concrete = None
+    if concrete is not None and not all(r >= 0 and r != float("inf") for r in concrete):
+      raise ValueError(f"sharpness: every radius must be finite and non-negative, got {rhos!r}.")
+    pert = task_perturbation(1.0, 1.0, adaptive=adaptive, task_specific=task_specific, eps=eps,
+                             norm=norm)
   out, grads = task_grads_lib.task_grads(loss_fn, params, *args, mode=mode,
                                          chunk_size=chunk_size, has_aux=has_aux, **kwargs)
   losses = out[0] if has_aux else out
-  directions, _ = unit.update(grads, unit.init(params), params)
+  directions, _ = pert.update(grads, pert.init(params), params)
   m = losses.shape[0]
   f = _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs)
 
   def at_radius(rho):
     def one(i, d_i):
-      point = jax.tree_util.tree_map(
-          lambda p, d: p + (rho * d).astype(jnp.result_type(p)), params, d_i)
+      if rho is None:  # d_i is the offset itself
+        point = jax.tree_util.tree_map(lambda p, d: p + d.astype(jnp.result_type(p)), params, d_i)
+      else:
+        point = jax.tree_util.tree_map(
+            lambda p, d: p + (rho * d).astype(jnp.result_type(p)), params, d_i)
       return f(point, i)
     return _map_over_tasks(one, (jnp.arange(m), directions), m, chunk_size)
 
+  if rhos is None:
+    return at_radius(None) - losses
   perturbed = jax.lax.map(at_radius, rho_arr.astype(losses.dtype))
   return perturbed - losses[None, :]

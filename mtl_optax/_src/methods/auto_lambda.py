@@ -25,7 +25,8 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
-from mtl_optax._src.methods import moco as moco_lib
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 
 _META_GRAD = "_auto_lambda_meta_grad"
 
@@ -128,7 +129,7 @@ def auto_lambda(val_loss_fn: Callable[..., jax.Array],
     meta_optimizer = optax.adam(meta_lr)
   if not (isinstance(init, (int, float)) and np.isfinite(init)):
     raise ValueError(f"auto_lambda: init must be a finite number, got {init!r}.")
-  m_init = moco_lib.require_num_tasks("auto_lambda", num_tasks)
+  m_init = require_num_tasks("auto_lambda", num_tasks)
   if primary is None:
     primary_arr = np.ones((m_init,))
   else:
@@ -140,7 +141,7 @@ def auto_lambda(val_loss_fn: Callable[..., jax.Array],
   info = base.AggregatorInfo(name="auto_lambda")
 
   def init_inner(params, m):
-    lam = jnp.full((m_init,), float(init), moco_lib.state_dtype(params))
+    lam = jnp.full((m_init,), float(init), state_dtype(params))
     return AutoLambdaState(lam=lam, opt_state=meta_optimizer.init(lam),
                            step=jnp.zeros((), jnp.int32))
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 from mtl_optax._src.methods.edm import edm_weights
-from mtl_optax._src.methods.uncertainty_weighting import require_num_tasks
-from mtl_optax._src.methods.uncertainty_weighting import state_dtype
 
 Array = jax.Array
 
@@ -59,7 +59,7 @@ def direction_check(gram: Array, w: Array):
 
 
 def cdtt(alpha: float = 0.2, window: int = 10, *, max_iters: Optional[int] = None,
-         tol: float = 1e-9, task_specific=None, weight_heads: Optional[bool] = None,
+         tol: float | None = None, task_specific=None, weight_heads: Optional[bool] = None,
          num_tasks: Optional[int] = None, nonfinite: str = "skip"):
   """CDTT: the EDM central direction pulled towards each task by a "tension".
 
@@ -113,7 +113,8 @@ def cdtt(alpha: float = 0.2, window: int = 10, *, max_iters: Optional[int] = Non
     raise ValueError(f"{name}: alpha must be a finite non-negative number, got {alpha!r}.")
   if isinstance(window, bool) or not isinstance(window, int) or window < 1:
     raise ValueError(f"{name}: window must be a positive int, got {window!r}.")
-  base.check_positive(name, tol=tol)
+  if tol is not None:
+    base.check_positive(name, tol=tol)
   if max_iters is not None:
     base.check_positive(name, max_iters=max_iters)
   m_fixed = require_num_tasks(name, num_tasks, "a sliding window of per-task gradient norms")

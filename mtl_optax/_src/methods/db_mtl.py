@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src.methods import moco as moco_lib
+from mtl_optax._src.methods._common import require_num_tasks
 
 
 class DBMTLState(NamedTuple):
@@ -60,7 +61,7 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, *, eps: float = 1e-8,
   base.check_nonnegative("db_mtl", beta=beta, beta_sigma=beta_sigma, eps=eps)
   if beta >= 1:
     raise ValueError(f"db_mtl: beta must be in [0, 1), got {beta!r}.")
-  m_init = moco_lib.require_num_tasks("db_mtl", num_tasks)
+  m_init = require_num_tasks("db_mtl", num_tasks)
   log_heads = weight_heads is None or bool(weight_heads)
   info = base.AggregatorInfo(name="db_mtl", needs_losses=True, weighted=False)
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import jax.numpy as jnp
-
-from mtl_optax._src import base
-from mtl_optax._src import linalg
 from mtl_optax._src.methods import upgrad as _upgrad
 
 
@@ -45,17 +41,7 @@ def dualproj(pref_vector: Optional[Sequence[float]] = None, reg_eps: float = 1e-
     Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
     NeurIPS 2017; Quinton & Rey, arXiv 2406.16232, 2024 (TorchJD ``DualProj``).
   """
-  pref = _upgrad.check_preferences("dualproj", pref_vector, num_tasks)
-  _upgrad.check_solver_args("dualproj", reg_eps, norm_eps, max_iters, tol)
-  info = base.AggregatorInfo(name="dualproj")
-
-  def rule(view, inner):
-    p = _upgrad.preferences("dualproj", pref, view.num_tasks, view.row_gram.dtype)
-    sol = linalg.dual_cone_weights(view.row_gram, jnp.log2(view.row_scales), p[None, :],
-                                   reg_eps=reg_eps, norm_eps=norm_eps,
-                                   max_iters=max_iters, tol=tol)
-    return base.RuleOutput(state=inner, weights=sol.x,
-                           diagnostics={"residual": sol.residual, "iterations": sol.iterations})
-
-  return base.make_aggregator(rule, info, task_specific=task_specific, weight_heads=weight_heads,
-                              num_tasks=num_tasks, nonfinite=nonfinite)
+  # One QP, with the bound v ≥ p.
+  return _upgrad.dual_cone_aggregator("dualproj", lambda p: p[None, :], pref_vector, reg_eps,
+                                      norm_eps, max_iters, tol, task_specific, weight_heads,
+                                      num_tasks, nonfinite)

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax._src import base
-from mtl_optax._src.methods.uncertainty_weighting import require_num_tasks
-from mtl_optax._src.methods.uncertainty_weighting import state_dtype
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 
 Array = jax.Array
 
@@ -53,10 +53,14 @@ class EpochLosses(NamedTuple):
 
 
 def init_epoch_losses(m: int, dtype) -> EpochLosses:
-  """Empty bookkeeping for m tasks."""
-  zero = jnp.zeros((), jnp.int32)
-  vec = jnp.zeros((m,), dtype)
-  return EpochLosses(zero, zero, zero, zero, vec, vec, vec)
+  """Empty bookkeeping for m tasks.
+
+  Every field gets its own buffer: a state whose leaves share one array cannot
+  be donated (``jax.jit(..., donate_argnums=...)`` donates each leaf).
+  """
+  zero = lambda: jnp.zeros((), jnp.int32)
+  vec = lambda: jnp.zeros((m,), dtype)
+  return EpochLosses(zero(), zero(), zero(), zero(), vec(), vec(), vec())
 
 
 def check_steps_per_epoch(name: str, steps_per_epoch: Optional[int]):

@@ -19,7 +19,7 @@ class EDMWeights(NamedTuple):
 
 
 def edm_weights(row_gram: jax.Array, row_scales: jax.Array, max_iters: Optional[int] = None,
-                tol: float = 1e-9) -> EDMWeights:
+                tol: float | None = None) -> EDMWeights:
   """EDM weights from the per-row-scaled Gram matrix.
 
   α = argmin_{α∈Δ} ‖Σ α_i u_i‖² over the unit rows u_i = g_i/‖g_i‖ (their Gram
@@ -44,7 +44,7 @@ def edm_weights(row_gram: jax.Array, row_scales: jax.Array, max_iters: Optional[
   return EDMWeights(w, alpha, sol)
 
 
-def edm(*, max_iters: Optional[int] = None, tol: float = 1e-9, task_specific=None,
+def edm(*, max_iters: Optional[int] = None, tol: float | None = None, task_specific=None,
         weight_heads: Optional[bool] = None, num_tasks: Optional[int] = None,
         nonfinite: str = "skip"):
   """EDM ("follow the bisector"): MGDA on the normalised gradients, rescaled.
@@ -64,7 +64,8 @@ def edm(*, max_iters: Optional[int] = None, tol: float = 1e-9, task_specific=Non
 
   Args:
     max_iters: active-set budget of the min-norm solver (default 4m + 10).
-    tol: relative KKT tolerance of the solver (default 1e-9); the reached
+    tol: relative KKT tolerance of the solver (default 1e-9, or 10·eps in
+      float64); the reached
       residual is ``diagnostics["residual"]``.
     task_specific, weight_heads, num_tasks, nonfinite: see
       :func:`mtl_optax.make_aggregator` (heads get their own gradient).
@@ -78,7 +79,8 @@ def edm(*, max_iters: Optional[int] = None, tol: float = 1e-9, task_specific=Non
     (arXiv 2505.10347, ``optimizers/edm.py``).
   """
   name = "edm"
-  base.check_positive(name, tol=tol)
+  if tol is not None:
+    base.check_positive(name, tol=tol)
   if max_iters is not None:
     base.check_positive(name, max_iters=max_iters)
   info = base.AggregatorInfo(name=name)

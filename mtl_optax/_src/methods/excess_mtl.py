@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src.methods import moco as moco_lib
+from mtl_optax._src.methods._common import require_num_tasks
 
 # Finite stand-in for log2(0) as the initial accumulator scale (no inf in the state).
 _NO_SCALE = -1e4
@@ -67,7 +68,7 @@ def excess_mtl(robust_step_size: float = 1e-2, *, eps: float = 1e-7, task_specif
     ICML 2024 (as implemented in LibMTL's ``ExcessMTL``).
   """
   base.check_positive("excess_mtl", robust_step_size=robust_step_size, eps=eps)
-  m_init = moco_lib.require_num_tasks("excess_mtl", num_tasks)
+  m_init = require_num_tasks("excess_mtl", num_tasks)
   weight_heads = True if weight_heads is None else bool(weight_heads)
   info = base.AggregatorInfo(name="excess_mtl")
   log2_eps = float(jnp.log2(eps))

@@ -10,7 +10,7 @@ from mtl_optax._src import base
 from mtl_optax._src import linalg
 
 
-def fairgrad(alpha: float = 1.0, *, max_iters: int = 20, tol: Optional[float] = None,
+def fairgrad(alpha: float = 1.0, *, max_iters: int = 40, tol: Optional[float] = None,
              task_specific=None, weight_heads: Optional[bool] = None,
              num_tasks: Optional[int] = None, nonfinite: str = "skip"):
   """FairGrad: α-fair allocation of the update among the tasks.
@@ -29,14 +29,17 @@ def fairgrad(alpha: float = 1.0, *, max_iters: int = 20, tol: Optional[float] = 
 
   Differences from the peers: no clipping and no extra factor (LibMTL; the
   authors' code multiplies the update by m "to match the sum loss"); zero
-  gradients get weight 0; when no solution exists (Pareto-stationary
-  gradients) a round-off ridge keeps w finite and the residual reports it.
+  gradients get weight 0; when no positive solution exists (the gradients are
+  Pareto-stationary: Jᵀz = 0 for some z ≥ 0, z ≠ 0) w = 0 and d = 0, and the
+  residual reports it.
 
   Args:
     alpha: the fairness exponent α > 0 (default 1.0, the default of the
       authors' code and LibMTL; the paper tunes it per benchmark, e.g. 2.0
       on CelebA and QM9).
-    max_iters: Newton-step budget (default 20).
+    max_iters: Newton-step budget (default 40; 5–10 steps are typical, the
+      budget matters only without a root, where w grows geometrically until
+      the round-off ridge stops it and w = 0 is returned).
     tol: relative residual max_i |w_i^{1/α}(Gw)_i − 1| at which the solver
       stops (default 100·eps of the dtype); the reached residual is
       ``diagnostics["residual"]``.

@@ -11,11 +11,11 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 from mtl_optax._src.methods.uncertainty_weighting import check_eps
 from mtl_optax._src.methods.uncertainty_weighting import inner_optimizer
 from mtl_optax._src.methods.uncertainty_weighting import inner_step
-from mtl_optax._src.methods.uncertainty_weighting import require_num_tasks
-from mtl_optax._src.methods.uncertainty_weighting import state_dtype
 
 Array = jax.Array
 

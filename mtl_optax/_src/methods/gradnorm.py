@@ -10,6 +10,8 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 from mtl_optax._src.methods.dwa import EpochLosses
 from mtl_optax._src.methods.dwa import advance_epoch
 from mtl_optax._src.methods.dwa import check_steps_per_epoch
@@ -17,8 +19,6 @@ from mtl_optax._src.methods.dwa import init_epoch_losses
 from mtl_optax._src.methods.uncertainty_weighting import check_eps
 from mtl_optax._src.methods.uncertainty_weighting import inner_optimizer
 from mtl_optax._src.methods.uncertainty_weighting import inner_step
-from mtl_optax._src.methods.uncertainty_weighting import require_num_tasks
-from mtl_optax._src.methods.uncertainty_weighting import state_dtype
 
 Array = jax.Array
 INITIAL_LOSS = ("first_step", "first_epoch")

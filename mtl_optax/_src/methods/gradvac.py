@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src.methods import moco as moco_lib
+from mtl_optax._src.methods._common import require_num_tasks
 
 GROUPS = ("whole_model", "leaf")
 Group = Union[str, Callable[[tuple, jax.ShapeDtypeStruct], object]]
@@ -145,7 +146,7 @@ def gradvac(beta: float = 0.5, group: Group = "whole_model", *, seed: int = 0,
     raise ValueError(f"gradvac: beta must be in (0, 1], got {beta!r}.")
   if not (group in GROUPS or callable(group)):
     raise ValueError(f"gradvac: group must be one of {GROUPS} or a callable, got {group!r}.")
-  m_init = moco_lib.require_num_tasks("gradvac", num_tasks)
+  m_init = require_num_tasks("gradvac", num_tasks)
   info = base.AggregatorInfo(name="gradvac", stochastic=True,
                              weighted=group == "whole_model")
 

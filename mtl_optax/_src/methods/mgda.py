@@ -12,7 +12,7 @@ from mtl_optax._src import linalg
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: float = 1e-9,
+def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: float | None = None,
          task_specific=None, weight_heads: Optional[bool] = None,
          num_tasks: Optional[int] = None, nonfinite: str = "skip"):
   """Multiple-gradient descent (MGDA).
@@ -36,8 +36,8 @@ def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: floa
     normalization: "none" (default), "l2", "loss" or "loss+"; the last two need
       ``losses=``.
     max_iters: active-set iteration budget (default 4m + 10).
-    tol: relative tolerance on the KKT multipliers (default 1e-9); the
-      reached KKT residual is ``diagnostics["residual"]``.
+    tol: relative tolerance on the KKT multipliers (default 1e-9, or 10·eps
+      in float64); the reached KKT residual is ``diagnostics["residual"]``.
     task_specific, weight_heads, num_tasks, nonfinite: see
       :func:`mtl_optax.make_aggregator` (heads get their own gradient).
 
@@ -63,7 +63,8 @@ def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: floa
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
-  base.check_positive("mgda", tol=tol)
+  if tol is not None:
+    base.check_positive("mgda", tol=tol)
   if max_iters is not None:
     base.check_positive("mgda", max_iters=max_iters)
   info = base.AggregatorInfo(name="mgda", needs_losses=normalization in ("loss", "loss+"),

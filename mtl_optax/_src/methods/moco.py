@@ -9,18 +9,10 @@ import jax.numpy as jnp
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
+from mtl_optax._src.methods._common import require_num_tasks
 
 NORMALIZATIONS = ("loss", "l2", "none")
 LAMBDA_UPDATES = ("softmax", "projection")
-
-
-def require_num_tasks(name: str, num_tasks: Optional[int]) -> int:
-  """Raises a clear error when a method whose state needs m was built without it."""
-  if num_tasks is None:
-    raise ValueError(
-        f"{name} keeps per-task state whose shape depends on the number of tasks: "
-        f"build it with {name}(..., num_tasks=m).")
-  return num_tasks
 
 
 def shared_param_leaves(params: Any, task_specific, name: str) -> list:
@@ -40,12 +32,6 @@ def shared_param_leaves(params: Any, task_specific, name: str) -> list:
   if not shared:
     raise ValueError(f"{name}: every leaf is marked task-specific; nothing to aggregate.")
   return shared
-
-
-def state_dtype(params: Any) -> jnp.dtype:
-  """Dtype of small per-task state vectors: float32, or float64 for float64 parameters."""
-  leaves = jax.tree_util.tree_leaves(params)
-  return linalg.accumulation_dtype(jnp.result_type(leaves[0]) if leaves else jnp.float32)
 
 
 def tracked_zeros(params: Any, m: int, task_specific, name: str) -> list:

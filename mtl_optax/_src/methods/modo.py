@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
-from mtl_optax._src.methods import moco as moco_lib
 from mtl_optax._src.methods import sdmgrad as sdmgrad_lib
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 
 
 class MoDoState(NamedTuple):
@@ -53,11 +54,11 @@ def modo(gamma: float = 1e-3, rho: float = 0.1, *, heads: str = "mean", task_spe
   base.check_nonnegative("modo", rho=rho)
   if heads not in sdmgrad_lib.HEAD_MODES:
     raise ValueError(f"modo: heads must be one of {sdmgrad_lib.HEAD_MODES}, got {heads!r}.")
-  m_init = moco_lib.require_num_tasks("modo", num_tasks)
+  m_init = require_num_tasks("modo", num_tasks)
   info = base.AggregatorInfo(name="modo")
 
   def init_inner(params, m):
-    return MoDoState(lam=jnp.full((m_init,), 1.0 / m_init, moco_lib.state_dtype(params)))
+    return MoDoState(lam=jnp.full((m_init,), 1.0 / m_init, state_dtype(params)))
 
   def rule(view, state):
     leaves_a, leaves_b = sdmgrad_lib.shared_weight_leaves(view, task_specific)

@@ -61,8 +61,9 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
   convex-concave iterations after ``optim_niter`` problems or when the
   weights move by < 1e-6); zero gradients get weight 0; when no solution
   exists (Pareto-stationary gradients: Jᵀz = 0 for some z ≥ 0, z ≠ 0; the
-  peers' ECOS then fails and keeps the previous weights) a round-off ridge
-  keeps w finite and d ≈ 0.
+  peers' ECOS then fails and they keep the previous weights) w = 0 and d = 0
+  (no update improves every task: the disagreement point), flagged by the
+  residual; the next solve starts cold.
 
   Args:
     max_norm: clip ‖d‖ to this value; 0 disables clipping (default 1.0).

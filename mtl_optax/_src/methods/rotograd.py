@@ -44,7 +44,8 @@ import jax.numpy as jnp
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src import task_grads as task_grads_lib
-from mtl_optax._src.methods import moco as moco_lib
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 
 
 def rotation_matrices(generators: jax.Array) -> jax.Array:
@@ -149,11 +150,11 @@ def rotograd(burn_in_period: int = 20, *, task_specific=None,
   """
   if not isinstance(burn_in_period, int) or burn_in_period < 1:
     raise ValueError(f"rotograd: burn_in_period must be a positive int, got {burn_in_period!r}.")
-  m_init = moco_lib.require_num_tasks("rotograd", num_tasks)
+  m_init = require_num_tasks("rotograd", num_tasks)
   info = base.AggregatorInfo(name="rotograd", representation="variant")
 
   def init_inner(params, m):
-    return RotoGradState(initial_norms=jnp.zeros((m_init,), moco_lib.state_dtype(params)),
+    return RotoGradState(initial_norms=jnp.zeros((m_init,), state_dtype(params)),
                          step=jnp.zeros((), jnp.int32))
 
   def rule(view, state):

@@ -26,7 +26,8 @@ import optax
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src import task_grads as task_grads_lib
-from mtl_optax._src.methods import moco as moco_lib
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 
 HEAD_MODES = ("mean", "main")
 
@@ -202,11 +203,11 @@ def sdmgrad(lamda: float = 0.3, niter: int = 20, *, lr: float = 5.0, momentum: f
     raise ValueError(f"sdmgrad: niter must be a positive int, got {niter!r}.")
   if heads not in HEAD_MODES:
     raise ValueError(f"sdmgrad: heads must be one of {HEAD_MODES}, got {heads!r}.")
-  m_init = moco_lib.require_num_tasks("sdmgrad", num_tasks)
+  m_init = require_num_tasks("sdmgrad", num_tasks)
   info = base.AggregatorInfo(name="sdmgrad")
 
   def init_inner(params, m):
-    return SDMGradState(w=jnp.full((m_init,), 1.0 / m_init, moco_lib.state_dtype(params)))
+    return SDMGradState(w=jnp.full((m_init,), 1.0 / m_init, state_dtype(params)))
 
   def rule(view, state):
     m = view.num_tasks

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax._src import base
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 from mtl_optax._src.methods.dwa import EpochLosses
 from mtl_optax._src.methods.dwa import advance_epoch
 from mtl_optax._src.methods.dwa import check_steps_per_epoch
 from mtl_optax._src.methods.dwa import init_epoch_losses
 from mtl_optax._src.methods.uncertainty_weighting import check_eps
-from mtl_optax._src.methods.uncertainty_weighting import require_num_tasks
-from mtl_optax._src.methods.uncertainty_weighting import state_dtype
 
 Array = jax.Array
 

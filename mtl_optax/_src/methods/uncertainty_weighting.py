@@ -1,8 +1,8 @@
 """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
 
 Also home of the small helpers the loss-based methods with learnable weights
-share (UW, GradNorm, FAMO): the inner optax optimizer of the learnable
-parameters, the dtype of the inner state, the ``num_tasks`` requirement.
+share (UW, GradNorm, FAMO, IMTL-L): the inner optax optimizer of the learnable
+parameters and the loss floor ``eps`` check.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src.methods._common import require_num_tasks
+from mtl_optax._src.methods._common import state_dtype
 
 Array = jax.Array
 INNER_OPTIMIZERS = ("adam", "sgd")
@@ -22,25 +24,6 @@ INNER_OPTIMIZERS = ("adam", "sgd")
 # ---------------------------------------------------------------------------
 # Helpers shared by the loss-based methods.
 # ---------------------------------------------------------------------------
-
-def require_num_tasks(name: str, num_tasks: Optional[int], what: str) -> int:
-  """Raises a clear error when a method that keeps per-task state lacks m."""
-  if num_tasks is None:
-    raise ValueError(
-        f"{name} keeps {what} in its state, so the number of tasks must be known at "
-        f"init: build it with {name}(..., num_tasks=m).")
-  return num_tasks
-
-
-def state_dtype(params) -> jnp.dtype:
-  """Float dtype of a method's inner state: float64 if the parameters are, else float32."""
-  dtype = jnp.dtype(jnp.float32)
-  for leaf in jax.tree_util.tree_leaves(params):
-    leaf_dtype = getattr(leaf, "dtype", None)
-    if leaf_dtype is not None and jnp.issubdtype(leaf_dtype, jnp.floating):
-      dtype = jnp.promote_types(dtype, leaf_dtype)
-  return dtype
-
 
 def inner_optimizer(name: str, optimizer: Union[str, optax.GradientTransformation],
                     learning_rate: float, weight_decay: float = 0.0

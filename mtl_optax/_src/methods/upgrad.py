@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +45,31 @@ def check_solver_args(name: str, reg_eps, norm_eps, max_iters, tol):
       raise ValueError(f"{name}: max_iters must be an integer, got {max_iters!r}.")
   if tol is not None:
     base.check_positive(name, tol=tol)
+
+
+def dual_cone_aggregator(name: str, lower_bounds: Callable[[jax.Array], jax.Array],
+                         pref_vector, reg_eps, norm_eps, max_iters, tol, task_specific,
+                         weight_heads, num_tasks, nonfinite):
+  """The aggregator of UPGrad and DualProj: dual-cone QPs with preference bounds.
+
+  ``lower_bounds(p)`` maps the (m,) preferences to the (k, m) lower bounds of
+  the k QPs (:func:`mtl_optax.linalg.dual_cone_weights`); w is the sum of their
+  solutions. The other arguments are those of :func:`upgrad`.
+  """
+  pref = check_preferences(name, pref_vector, num_tasks)
+  check_solver_args(name, reg_eps, norm_eps, max_iters, tol)
+  info = base.AggregatorInfo(name=name)
+
+  def rule(view, inner):
+    p = preferences(name, pref, view.num_tasks, view.row_gram.dtype)
+    sol = linalg.dual_cone_weights(view.row_gram, jnp.log2(view.row_scales), lower_bounds(p),
+                                   reg_eps=reg_eps, norm_eps=norm_eps,
+                                   max_iters=max_iters, tol=tol)
+    return base.RuleOutput(state=inner, weights=sol.x,
+                           diagnostics={"residual": sol.residual, "iterations": sol.iterations})
+
+  return base.make_aggregator(rule, info, task_specific=task_specific, weight_heads=weight_heads,
+                              num_tasks=num_tasks, nonfinite=nonfinite)
 
 
 def upgrad(pref_vector: Optional[Sequence[float]] = None, reg_eps: float = 1e-4,
@@ -88,18 +114,6 @@ def upgrad(pref_vector: Optional[Sequence[float]] = None, reg_eps: float = 1e-4,
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization",
     arXiv 2406.16232, 2024 (TorchJD ``UPGrad``).
   """
-  pref = check_preferences("upgrad", pref_vector, num_tasks)
-  check_solver_args("upgrad", reg_eps, norm_eps, max_iters, tol)
-  info = base.AggregatorInfo(name="upgrad")
-
-  def rule(view, inner):
-    m = view.num_tasks
-    p = preferences("upgrad", pref, m, view.row_gram.dtype)
-    sol = linalg.dual_cone_weights(view.row_gram, jnp.log2(view.row_scales), jnp.diag(p),
-                                   reg_eps=reg_eps, norm_eps=norm_eps,
-                                   max_iters=max_iters, tol=tol)
-    return base.RuleOutput(state=inner, weights=sol.x,
-                           diagnostics={"residual": sol.residual, "iterations": sol.iterations})
-
-  return base.make_aggregator(rule, info, task_specific=task_specific, weight_heads=weight_heads,
-                              num_tasks=num_tasks, nonfinite=nonfinite)
+  # One QP per task i, with the bound v ≥ p_i e_i (row i of diag(p)).
+  return dual_cone_aggregator("upgrad", jnp.diag, pref_vector, reg_eps, norm_eps, max_iters,
+                              tol, task_specific, weight_heads, num_tasks, nonfinite)
