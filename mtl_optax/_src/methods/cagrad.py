@@ -151,7 +151,16 @@ def cagrad(c: float = 0.4, rescale: int = 1, *, max_iters: int = 250, tol: float
       # dual optimum has g_w = 0 and d = g₀ + (c‖g₀‖/‖g_w‖)g_w is a 0/0 limit
       # whose direction the solver cannot resolve: keep d = 0 (a primal optimum)
       # whenever the dual-derived d is worse than it.
-      w = jnp.where(jnp.min(gram @ w) < 0, jnp.zeros_like(w), w)
+      # The signs of g_iᵀd = (Gw)_i come from the per-row-scaled Gram matrix R:
+      # (Gw)_i = s_i (R v)_i with v_j = s_j w_j (formed in log₂, then normalised),
+      # so that a task whose gradient is 1e-30 of another's is not rounded away.
+      log_v = jnp.log2(view.row_scales) + jnp.log2(jnp.abs(w))
+      top = jnp.max(jnp.where(w != 0, log_v, -jnp.inf))
+      v = jnp.where(w != 0, jnp.sign(w) * jnp.exp2(log_v - jnp.where(jnp.isfinite(top), top, 0.0)),
+                    0.0)
+      r_norms = linalg.safe_norms(view.row_gram)
+      slack = 10 * m * jnp.finfo(gram.dtype).eps * r_norms * jnp.sum(jnp.abs(v) * r_norms)
+      w = jnp.where(jnp.any(view.row_gram @ v < -slack), jnp.zeros_like(w), w)
     return base.RuleOutput(state=inner, weights=w,
                            diagnostics={"residual": sol.residual, "iterations": sol.iterations})
 
