@@ -166,6 +166,53 @@ def jacobian_step(model, opt, batch, method: str):
   return step
 
 
+def flat_cagrad_step(model, opt, batch, rho: float = 0.05):
+  """F-CAGrad as the paper's code does it: a Python loop over tasks.
+
+  For each task i: ∇L_i at θ (shared + its head), perturb the parameters in place
+  by ε_i = ρ g/‖g‖ (shared and head parts normalised separately), ∇L_i at θ + ε_i,
+  restore. Shared update = CAGrad(g_1..g_m) + CAGrad(h_1..h_m), h_i = g_i^SAM − g_i;
+  each head gets its own SAM gradient; Adam.
+  """
+  shared = list(model.encoder.parameters())
+  heads = [list(h.parameters()) for h in model.heads]
+
+  def flat(grads):
+    return torch.cat([t.reshape(-1) for t in grads])
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss_rows, flat_rows, head_sam = [], [], []
+    for i in range(len(heads)):
+      params = shared + heads[i]
+      g = torch.autograd.grad(model.losses(batch)[i], params)
+      g_sh, g_hd = g[:len(shared)], g[len(shared):]
+      eps = []
+      for part in (g_sh, g_hd):
+        norm = torch.sqrt(sum((t * t).sum() for t in part)) + 1e-12
+        eps.extend(rho * t / norm for t in part)
+      with torch.no_grad():
+        for p, e in zip(params, eps):
+          p.add_(e)
+      g_sam = torch.autograd.grad(model.losses(batch)[i], params)
+      with torch.no_grad():
+        for p, e in zip(params, eps):
+          p.sub_(e)
+      loss_rows.append(flat(g_sh))
+      flat_rows.append(flat(g_sam[:len(shared)]) - loss_rows[-1])
+      head_sam.append(g_sam[len(shared):])
+    direction = cagrad_direction(torch.stack(loss_rows)) + cagrad_direction(torch.stack(flat_rows))
+    offset = 0
+    for p in shared:
+      p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
+      offset += p.numel()
+    for params, grads in zip(heads, head_sam):
+      for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+  return step
+
+
 def _builder(encoder: str, kind: str):
   def build(batch, seed):
     torch.manual_seed(seed)
@@ -173,12 +220,15 @@ def _builder(encoder: str, kind: str):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     if kind == "plain":
       return plain_step(model, opt, batch)
+    if kind == "flat_cagrad":
+      return flat_cagrad_step(model, opt, batch)
     return jacobian_step(model, opt, batch, kind)
   return build
 
 
-# Extension point: add e.g. "flat_cagrad" here (and the same name on the JAX side).
+# Extension point: add a step here (and the same name on the JAX side).
 STEPS = {
+    "flat_cagrad": _builder("lenet", "flat_cagrad"),
     "plain": _builder("lenet", "plain"),
     "plain_mlp": _builder("mlp", "plain"),
     "jac_mgda": _builder("lenet", "mgda"),

@@ -20,6 +20,9 @@ Rows:
   per-task ``autograd.grad`` loops (CAGrad's dual via scipy on the host).
   ``jac_*_seq``: the same with ``task_grads(..., chunk_size=1)`` (one task at
   a time), the faster choice on XLA:CPU.
+* ``flat_cagrad`` vs torch ``flat_cagrad``: F-CAGrad (decomposed, ρ = 0.05, not
+  adaptive, separate shared/head norms) against the paper's per-task Python loop
+  (perturb in place, second backward, restore), CAGrad's dual via scipy.
 
 Extension point: add a JAX step builder to `JAX_STEPS` and a row to `ROWS`
 (and, for a PyTorch counterpart, a builder to ``_torch_lenet.STEPS``).
@@ -118,6 +121,29 @@ def jacobian_step(method: str, encoder: str = "lenet", seed: int = 0,
   return _runner(step, params, tx.init(params), make_batch(seed=seed))
 
 
+def flat_step(method: str = "cagrad", rho: float = 0.05, seed: int = 0,
+              chunk_size: int | None = 1) -> Callable[[], None]:
+  """F-<method>: loss and per-task SAM gradients (one vmapped/chunked pass each),
+  ``mo.flat`` (decomposed: A(g) + A(g^SAM − g), heads their SAM gradient), Adam.
+  Same perturbation as the PyTorch side: ε_i = ρ g/‖g‖, shared and head parts
+  normalised separately, not adaptive."""
+  import mtl_optax as mo  # pylint: disable=g-import-not-at-top
+  model = models.make_model("CL_RR", encoder="lenet")
+  tx = optax.chain(mo.flat(getattr(mo, method)(num_tasks=2), task_specific=_is_head),
+                   optax.adam(1e-3))
+  perturb = mo.task_perturbation(rho, rho, task_specific=_is_head)
+  params = model.init(jax.random.key(seed))
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    losses, grads, sam = mo.sharpness_aware_task_grads(
+        model.task_losses, params, batch, perturbation=perturb, chunk_size=chunk_size)
+    updates, opt_state = tx.update(grads, opt_state, params, losses=losses, sam_grads=sam)
+    return optax.apply_updates(params, updates), opt_state, losses.sum()
+
+  return _runner(step, params, tx.init(params), make_batch(seed=seed))
+
+
 def _has_aggregators() -> bool:
   import mtl_optax as mo  # pylint: disable=g-import-not-at-top
   return all(hasattr(mo, n) for n in ("task_grads", "mgda", "cagrad"))
@@ -133,13 +159,13 @@ JAX_STEPS: dict[str, tuple[Callable[[], Callable[[], None]],
     "jac_cagrad": (lambda: jacobian_step("cagrad"), _has_aggregators),
     "jac_mgda_seq": (lambda: jacobian_step("mgda", chunk_size=1), _has_aggregators),
     "jac_cagrad_seq": (lambda: jacobian_step("cagrad", chunk_size=1), _has_aggregators),
-    # "flat_cagrad": F-CAGrad step, to be added with its torch counterpart.
+    "flat_cagrad": (lambda: flat_step("cagrad"), _has_aggregators),
 }
 # (JAX step, PyTorch step doing the same work)
 ROWS = (("plain_naive", "plain"), ("plain_fast", "plain"),
         ("plain_mlp", "plain_mlp"), ("jac_mgda", "jac_mgda"),
         ("jac_cagrad", "jac_cagrad"), ("jac_mgda_seq", "jac_mgda"),
-        ("jac_cagrad_seq", "jac_cagrad"))
+        ("jac_cagrad_seq", "jac_cagrad"), ("flat_cagrad", "flat_cagrad"))
 QUICK_ROWS = (("plain_fast", "plain"),)
 
 
