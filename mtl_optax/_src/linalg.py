@@ -583,6 +583,23 @@ def lower_bounded_qp(quad: Array, lower: Array, **kwargs) -> SolverResult:
   return SolverResult(lower + sol.x, sol.residual, sol.iterations)
 
 
+def _unit_rows(gram: Array, log2_row_scales: Array) -> tuple[Array, Array, Array]:
+  """The unit-row view of a per-row-scaled Gram matrix, shared by the solvers.
+
+  With ``gram`` the Gram matrix of r_i = g_i / 2^{s_i}: returns the non-zero
+  mask, log₂‖g_i‖ (0 for zero rows) and the symmetric cosine matrix, whose
+  zero rows/columns are replaced by those of the identity (orthonormal
+  phantoms: they stay decoupled from the real rows in every solve).
+  """
+  m = gram.shape[0]
+  s = log2_row_scales.astype(gram.dtype)
+  diag = jnp.diagonal(gram)
+  nz = diag > 0
+  log2_n = jnp.where(nz, s + 0.5 * jnp.log2(jnp.where(nz, diag, 1.0)), 0.0)
+  cos = jnp.where(nz[:, None] & nz[None, :], cosine_matrix(gram), jnp.eye(m, dtype=gram.dtype))
+  return nz, log2_n, 0.5 * (cos + cos.T)
+
+
 def _psi(y: Array, alpha) -> Array:
   """Antiderivative of y^{−1/α}: log y for α = 1, else (y^{1−1/α} − 1) / (1 − 1/α).
 
@@ -678,14 +695,9 @@ def _nash_system(gram: Array, alpha: float = 1.0, *, log2_row_scales: Array | No
     alpha = float(alpha)
   else:
     alpha = jnp.asarray(alpha, dtype)
-  s = jnp.zeros((m,), dtype) if log2_row_scales is None else log2_row_scales.astype(dtype)
-  diag = jnp.diagonal(gram)
-  nz = diag > 0
-  log2_n = jnp.where(nz, s + 0.5 * jnp.log2(jnp.where(nz, diag, 1.0)), 0.0)
+  s = jnp.zeros((m,), dtype) if log2_row_scales is None else log2_row_scales
+  nz, log2_n, cos = _unit_rows(gram, s)
   eye = jnp.eye(m, dtype=dtype)
-  cos = cosine_matrix(gram)
-  cos = jnp.where(nz[:, None] & nz[None, :], cos, eye)
-  cos = 0.5 * (cos + cos.T)
   c_ridge = cos + ridge * eye
   # b_i = n_i^{1/α − 1}, normalised so that max b = 1: x = κ y, log2 κ = B α/(α+1).
   log2_b = jnp.where(nz, (1.0 / alpha - 1.0) * log2_n, 0.0)
@@ -836,15 +848,9 @@ def _dual_cone_weights(row_gram: Array, log2_row_scales: Array, lowers: Array, *
   dtype = row_gram.dtype
   eps = float(jnp.finfo(dtype).eps)
   ridge = 4.0 * math.sqrt(eps) if ridge is None else ridge
-  s = log2_row_scales.astype(dtype)
   lowers = jnp.maximum(lowers.astype(dtype), 0.0)
-  diag = jnp.diagonal(row_gram)
-  nz = diag > 0
-  log2_n = jnp.where(nz, s + 0.5 * jnp.log2(jnp.where(nz, diag, 1.0)), 0.0)
+  nz, log2_n, cos = _unit_rows(row_gram, log2_row_scales)
   eye = jnp.eye(m, dtype=dtype)
-  cos = cosine_matrix(row_gram)
-  cos = jnp.where(nz[:, None] & nz[None, :], cos, eye)
-  cos = 0.5 * (cos + cos.T)
   top_n = jnp.max(jnp.where(nz, log2_n, -jnp.inf))
   top_n = jnp.where(jnp.isfinite(top_n), top_n, 0.0)
   log2_trace = 2.0 * top_n + jnp.log2(jnp.sum(jnp.where(nz, jnp.exp2(2.0 * (log2_n - top_n)), 0.0)))
