@@ -273,9 +273,16 @@ def main(argv):
     local = [jax.jit(sam)(params0, x[r * per:(r + 1) * per], y[r * per:(r + 1) * per])[2]
              for r in range(NUM_DEVICES)]
     local_mean = jax.tree_util.tree_map(lambda *a: sum(a) / len(a), *local)
+    # The same alternative through the library flag, sharded: one group per replica.
+    sam_groups = lambda p, xb, yb: mo.sharpness_aware_task_grads(
+        loss_fn, p, xb, yb, perturbation=perturb, perturbation_groups=NUM_DEVICES)
+    grouped = jax.jit(sam_groups)(jax.device_put(params0, rep), jax.device_put(x, bsh),
+                                  jax.device_put(y, bsh))
     emit(case="semantics/sam_global_perturbation", ok=True,
          sam_rel_err=rel_err(dp[2], ref[2]), loss_grads_rel_err=rel_err(dp[1], ref[1]),
          per_replica_rel_diff=rel_err(local_mean, ref[2]),
+         per_replica_flag_rel_err=rel_err(grouped[2], local_mean),
+         per_replica_flag_loss_grads_rel_err=rel_err(grouped[1], ref[1]),
          sam_replicated=all(a.sharding.is_fully_replicated for a in jax.tree_util.tree_leaves(dp[2])))
   emit(case="done", ok=True, names=names)
 

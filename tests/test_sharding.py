@@ -119,6 +119,15 @@ def test_sam_perturbation_uses_globally_reduced_gradients(results):
   assert sem["per_replica_rel_diff"] > 100 * RTOL, sem
 
 
+def test_per_replica_perturbation_flag(results):
+  """``perturbation_groups=8`` on the 8-replica sharded batch = each replica's local
+  SAM gradients averaged (computed replica by replica on one device); the loss
+  gradients stay the global ones."""
+  sem = results["semantics/sam_global_perturbation"]
+  assert sem["per_replica_flag_rel_err"] <= RTOL, sem
+  assert sem["per_replica_flag_loss_grads_rel_err"] <= RTOL, sem
+
+
 def test_sharded_state_checkpoint_roundtrip(results):
   """A model-sharded (params, optimizer state) saved with orbax and restored into a
   template carrying the shardings comes back bitwise equal, with the same shardings."""

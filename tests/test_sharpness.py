@@ -214,6 +214,62 @@ def test_chunking_modes_and_task_loss_fn_agree(x64):
     mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=None)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_perturbation_groups_average_per_group_algorithm1(groups, x64):
+  """Per-replica SAM: each batch group perturbs with its own gradients (reference:
+  Algorithm 1 run on each group's slice), results averaged over the groups."""
+  params, x, y = make_problem()
+  pert = mo.task_perturbation(0.2, 0.4, adaptive=True, task_specific=is_head)
+  losses, loss_grads, sam = mo.sharpness_aware_task_grads(
+      loss_fn, params, x, y, perturbation=pert, perturbation_groups=groups)
+  per = x.shape[0] // groups
+  slices = [(x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]) for r in range(groups)]
+  per_group = [algorithm1(params, xs, ys, 0.2, 0.4, True, True)[1] for xs, ys in slices]
+  want_sam = [np.mean([g[k] for g in per_group], axis=0) for k in range(len(per_group[0]))]
+  for got, ref in zip(leaves_of(sam), want_sam):
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
+  # Losses and loss gradients are means of batch means: the whole-batch values.
+  want_losses, want_grads = mo.task_grads(loss_fn, params, x, y)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-12)
+  for got, ref in zip(leaves_of(loss_grads), leaves_of(want_grads)):
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+  # ... but the SAM gradients are not the global-perturbation ones.
+  _, _, global_sam = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  diff = max(np.max(np.abs(a - b)) for a, b in zip(leaves_of(sam), leaves_of(global_sam)))
+  assert diff > 1e-6
+
+
+def test_one_perturbation_group_is_the_global_perturbation(x64):
+  params, x, y = make_problem()
+  pert = mo.task_perturbation(0.2, 0.4, task_specific=is_head)
+  ref = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert)
+  got = mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert,
+                                      perturbation_groups=1)
+  for a, b in zip(leaves_of(got), leaves_of(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_perturbation_groups_aux_and_errors(x64):
+  params, x, y = make_problem()
+  pert = mo.task_perturbation(0.2, 0.4, task_specific=is_head)
+  with_aux = lambda p, x, y: (loss_fn(p, x, y), {"n": jnp.sum(x[:, 0])})
+  (losses, aux), _, _ = mo.sharpness_aware_task_grads(
+      with_aux, params, x, y, perturbation=pert, has_aux=True, perturbation_groups=4)
+  assert losses.shape == (M,)
+  np.testing.assert_allclose(aux["n"], np.asarray(x[:, 0]).reshape(4, 2).sum(1), rtol=1e-12)
+  for bad in (0, -1, 2.0, True):
+    with pytest.raises(ValueError, match="perturbation_groups must be a positive int"):
+      mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert,
+                                    perturbation_groups=bad)
+  with pytest.raises(ValueError, match="must divide the batch axis"):
+    mo.sharpness_aware_task_grads(loss_fn, params, x, y, perturbation=pert, perturbation_groups=3)
+  with pytest.raises(ValueError, match="no positional array"):
+    mo.sharpness_aware_task_grads(lambda p: loss_fn(p, x, y), params, perturbation=pert,
+                                  perturbation_groups=2)
+  with pytest.raises(ValueError, match="needs perturbation"):
+    mo.make_train_step(loss_fn, mo.mean(), perturbation_groups=2)
+
+
 def test_aux_comes_from_the_unperturbed_pass(x64):
   params, x, y = make_problem()
   calls = []

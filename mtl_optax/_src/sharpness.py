@@ -290,6 +290,7 @@ def sharpness_aware_task_grads(
     chunk_size: Optional[int] = None,
     mode: str = "jacrev",
     task_loss_fn: Optional[Callable[..., Any]] = None,
+    perturbation_groups: Optional[int] = None,
     **kwargs,
 ):
   """Losses, loss gradients at θ and per-task SAM gradients at θ + ε_i.
@@ -331,6 +332,26 @@ def sharpness_aware_task_grads(
   SAM gradients ARE the loss gradients (returned as such, with no extra pass),
   so a flat aggregator reproduces its vanilla version exactly.
 
+  Global or per-replica perturbation. By default ε_i is computed from the
+  gradients of the whole batch — under ``jax.jit`` with a batch-sharded mesh,
+  the globally reduced gradients — so a sharded step equals the one-device
+  step. ``perturbation_groups=k`` splits the batch (axis 0 of every positional
+  argument in ``args``) into k equal, contiguous groups; each group computes
+  its own losses, gradients, ε_i^(r) and SAM gradients, and the three results
+  are averaged over the groups:
+
+      sam_grads[i] = (1/k) Σ_r ∇ L_i^(r)(θ + ε_i^(r)),
+
+  the per-replica ("m-sharpness") SAM of Foret et al. (2021, §4), which some
+  SAM variants use in data-parallel training. With k equal to the number of
+  data-parallel replicas and the batch sharded contiguously over them, each
+  group is one replica's local batch: its perturbation depends on local data
+  only, and the averages over groups are the step's collectives.
+  The returned losses and loss gradients are the group means, which equal
+  the whole-batch ones when every loss is a mean over the batch. ``kwargs``
+  are passed to every group unchanged; ``aux`` (``has_aux``) gets a leading
+  group axis of size k.
+
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs) -> losses`` of shape (m,)
       (``(losses, aux)`` with ``has_aux``).
@@ -344,6 +365,8 @@ def sharpness_aware_task_grads(
     mode: ``task_grads`` mode for the loss gradients ("jacrev" or "vmap").
     task_loss_fn: optional ``(params, task_index, *args, **kwargs) -> L_i`` used
       for the perturbed passes instead of ``loss_fn`` (see above).
+    perturbation_groups: None (default: one perturbation from the whole batch)
+      or k ≥ 1, the number of batch groups perturbed separately (see above).
     **kwargs: keyword arguments of ``loss_fn`` / ``task_loss_fn``.
 
   Returns:
@@ -357,6 +380,10 @@ def sharpness_aware_task_grads(
   if perturbation is None or not hasattr(perturbation, "update"):
     raise ValueError("sharpness_aware_task_grads: pass perturbation=mo.task_perturbation(...).")
   _check_chunk(chunk_size, "sharpness_aware_task_grads")
+  if perturbation_groups is not None:
+    return _grouped_sharpness_aware_task_grads(
+        loss_fn, params, args, kwargs, perturbation=perturbation, has_aux=has_aux,
+        chunk_size=chunk_size, mode=mode, task_loss_fn=task_loss_fn, groups=perturbation_groups)
   out, loss_grads = task_grads_lib.task_grads(
       loss_fn, params, *args, mode=mode, chunk_size=chunk_size, has_aux=has_aux, **kwargs)
   info = perturbation_info(perturbation)
@@ -366,6 +393,37 @@ def sharpness_aware_task_grads(
   _, sam_grads = perturbed_task_grads(loss_fn, params, offsets, *args, has_aux=has_aux,
                                       chunk_size=chunk_size, task_loss_fn=task_loss_fn, **kwargs)
   return out, loss_grads, sam_grads
+
+
+def _grouped_sharpness_aware_task_grads(loss_fn, params, args, kwargs, *, groups, has_aux,
+                                        **options):
+  """``sharpness_aware_task_grads`` with one perturbation per batch group, averaged."""
+  where = "sharpness_aware_task_grads"
+  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"{where}: perturbation_groups must be a positive int or None, "
+                     f"got {groups!r}.")
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  if not leaves:
+    raise ValueError(f"{where}: perturbation_groups splits the batch (axis 0 of the "
+                     "positional arguments), but no positional array argument was given.")
+  split = []
+  for leaf in leaves:
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] % groups:
+      raise ValueError(
+          f"{where}: perturbation_groups={groups} must divide the batch axis (axis 0) of "
+          f"every positional argument; got an argument of shape {tuple(shape)}.")
+    split.append(jnp.reshape(leaf, (groups, shape[0] // groups) + tuple(shape[1:])))
+  grouped_args = jax.tree_util.tree_unflatten(treedef, split)
+
+  def one_group(group_args):
+    return sharpness_aware_task_grads(loss_fn, params, *group_args, has_aux=has_aux,
+                                      **options, **kwargs)
+
+  out, loss_grads, sam_grads = jax.vmap(one_group)(grouped_args)
+  mean = lambda t: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), t)
+  out = (mean(out[0]), out[1]) if has_aux else mean(out)
+  return out, mean(loss_grads), mean(sam_grads)
 
 
 def sharpness(

@@ -31,6 +31,7 @@ def make_train_step(
     chunk_size: Optional[int] = None,
     has_aux: bool = False,
     perturbation: Optional[optax.GradientTransformation] = None,
+    perturbation_groups: Optional[int] = None,
     jit: bool = True,
 ):
   """Builds ``step(params, opt_state, *batch) -> (params, opt_state, losses, aux)``.
@@ -51,11 +52,19 @@ def make_train_step(
     tx: the optax transformation (aggregator chained with an optimizer).
     mode, chunk_size, has_aux: as in :func:`mtl_optax.task_grads`.
     perturbation: optional ``mo.task_perturbation`` for flat aggregators.
+    perturbation_groups: None (default: one perturbation from the globally
+      reduced gradients) or the number of batch groups (e.g. data-parallel
+      replicas) perturbed separately; see
+      :func:`mtl_optax.sharpness_aware_task_grads`.
     jit: compile the step with ``jax.jit`` (default True).
 
   Returns:
     The step function; ``aux`` is None without ``has_aux``.
   """
+
+  if perturbation_groups is not None and perturbation is None:
+    raise ValueError("make_train_step: perturbation_groups needs "
+                     "perturbation=mo.task_perturbation(...).")
 
   def step(params, opt_state, *batch):
     extra = {}
@@ -65,7 +74,7 @@ def make_train_step(
     else:
       out, grads, sam_grads = _sharpness().sharpness_aware_task_grads(
           loss_fn, params, *batch, perturbation=perturbation, mode=mode,
-          chunk_size=chunk_size, has_aux=has_aux)
+          chunk_size=chunk_size, has_aux=has_aux, perturbation_groups=perturbation_groups)
       extra["sam_grads"] = sam_grads
     losses, aux = out if has_aux else (out, None)
     updates, opt_state = tx.update(grads, opt_state, params, losses=losses, **extra)
@@ -90,7 +99,7 @@ def make_nnx_train_step(
     loss_fn: ``loss_fn(model, *batch) -> losses (m,)`` (or ``(losses, aux)``).
     tx: the optax transformation (aggregator chained with an optimizer).
     **kwargs: as for :func:`make_train_step` (``mode``, ``chunk_size``,
-      ``has_aux``, ``perturbation``).
+      ``has_aux``, ``perturbation``, ``perturbation_groups``).
 
   Returns:
     The jitted step function.
