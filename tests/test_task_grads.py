@@ -48,7 +48,8 @@ def explicit(loss_fn, params, x, y):
 
 @pytest.mark.parametrize("stacked_heads", [False, True])
 @pytest.mark.parametrize("mode,chunk_size", [("jacrev", None), ("jacrev", 2), ("jacrev", 1),
-                                             ("vmap", None), ("vmap", 2)])
+                                             ("jacrev", "auto"), ("vmap", None), ("vmap", 2),
+                                             ("vmap", "auto")])
 def test_equals_explicit_per_task_grads(stacked_heads, mode, chunk_size):
   params = init_params(jax.random.PRNGKey(0), stacked_heads)
   x, y = data()
@@ -96,7 +97,28 @@ def test_bad_arguments_raise():
   f = lambda p: p["w"]
   with pytest.raises(ValueError, match="mode"):
     mo.task_grads(f, {"w": jnp.ones(3)}, mode="forward")
-  with pytest.raises(ValueError, match="chunk_size"):
-    mo.task_grads(f, {"w": jnp.ones(3)}, chunk_size=0)
+  for bad in (0, -2, 1.5, True, "all"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, None or 'auto'"):
+      mo.task_grads(f, {"w": jnp.ones(3)}, chunk_size=bad)
   with pytest.raises(TypeError, match="floating"):
     mo.task_grads(lambda p: jnp.arange(3), {"w": jnp.ones(3)})
+
+
+def test_auto_chunk_size_is_sequential_on_cpu_only(monkeypatch):
+  """"auto" = tasks in sequence (lax.map) on CPU, one vmapped call on accelerators."""
+  from mtl_optax._src import task_grads as task_grads_lib
+  resolve = task_grads_lib.resolve_chunk_size
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert resolve("auto", "t") == 1
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert resolve("auto", "t") is None
+  assert resolve(None, "t") is None and resolve(3, "t") == 3
+  # The program really differs: a scan (while loop) for sequence, none for one vmap.
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  params = init_params(jax.random.PRNGKey(0), False)
+  x, y = data()
+  loss_fn = make_loss_fn(False)
+  jaxpr = lambda cs: str(jax.make_jaxpr(
+      lambda p: mo.task_grads(loss_fn, p, x, y, chunk_size=cs, has_aux=True))(params))
+  assert "scan" in jaxpr("auto") and "scan" in jaxpr(1) and "scan" not in jaxpr(None)

@@ -234,28 +234,13 @@ def _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs):
   return f
 
 
-def _map_over_tasks(fn, xs, m, chunk_size):
-  if chunk_size is None or chunk_size >= m:
-    return jax.vmap(fn)(*xs)
-  packed = lambda x: fn(*x)
-  if chunk_size == 1:
-    return jax.lax.map(packed, xs)
-  return jax.lax.map(packed, xs, batch_size=chunk_size)
-
-
-def _check_chunk(chunk_size, where):
-  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                 or chunk_size < 1):
-    raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}.")
-
-
 def perturbed_task_grads(
     loss_fn: Callable[..., Any],
     params: PyTree,
     offsets: PyTree,
     *args,
     has_aux: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: task_grads_lib.ChunkSize = "auto",
     task_loss_fn: Optional[Callable[..., Any]] = None,
     **kwargs,
 ):
@@ -270,7 +255,7 @@ def perturbed_task_grads(
     ``(perturbed_losses, grads)``: ``(m,)`` and the stacked gradients (the
     structure of ``params`` with a leading task axis).
   """
-  _check_chunk(chunk_size, "perturbed_task_grads")
+  chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "perturbed_task_grads")
   m = base.num_tasks_of(offsets, "perturbed_task_grads")
   f = _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs)
 
@@ -278,7 +263,7 @@ def perturbed_task_grads(
     point = jax.tree_util.tree_map(lambda p, e: p + e.astype(jnp.result_type(p)), params, eps_i)
     return jax.value_and_grad(f)(point, i)
 
-  return _map_over_tasks(one, (jnp.arange(m), offsets), m, chunk_size)
+  return task_grads_lib.map_over_tasks(lambda x: one(*x), (jnp.arange(m), offsets), chunk_size)
 
 
 def sharpness_aware_task_grads(
@@ -287,7 +272,7 @@ def sharpness_aware_task_grads(
     *args,
     perturbation: optax.GradientTransformation,
     has_aux: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: task_grads_lib.ChunkSize = "auto",
     mode: str = "jacrev",
     task_loss_fn: Optional[Callable[..., Any]] = None,
     perturbation_groups: Optional[int] = None,
@@ -321,7 +306,8 @@ def sharpness_aware_task_grads(
   batched, and the resulting batched matrix products are slow: for the
   multi-MNIST LeNet (batch 256, m = 2) ``chunk_size=1`` (tasks in sequence,
   same maths) was about 1.5–2× faster for both passes
-  (``benchmarks/flat_speed.py``).
+  (``benchmarks/flat_speed.py``). Hence the default ``chunk_size="auto"``:
+  1 on CPU, None (one vmapped call) on GPU/TPU.
 
   State (BatchNorm statistics, ``has_aux``). The returned ``aux`` comes from
   the unperturbed pass only; the perturbed passes discard theirs, as
@@ -361,7 +347,8 @@ def sharpness_aware_task_grads(
       :func:`task_perturbation`.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
     chunk_size: at most this many tasks at once, in both the loss-gradient
-      (``task_grads``) and the SAM-gradient passes; None (default) = all.
+      (``task_grads``) and the SAM-gradient passes; None = all at once;
+      "auto" (default) = 1 on CPU, None elsewhere.
     mode: ``task_grads`` mode for the loss gradients ("jacrev" or "vmap").
     task_loss_fn: optional ``(params, task_index, *args, **kwargs) -> L_i`` used
       for the perturbed passes instead of ``loss_fn`` (see above).
@@ -379,7 +366,7 @@ def sharpness_aware_task_grads(
   """
   if perturbation is None or not hasattr(perturbation, "update"):
     raise ValueError("sharpness_aware_task_grads: pass perturbation=mo.task_perturbation(...).")
-  _check_chunk(chunk_size, "sharpness_aware_task_grads")
+  chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "sharpness_aware_task_grads")
   if perturbation_groups is not None:
     return _grouped_sharpness_aware_task_grads(
         loss_fn, params, args, kwargs, perturbation=perturbation, has_aux=has_aux,
@@ -438,7 +425,7 @@ def sharpness(
     norm: str = "separate",
     has_aux: bool = False,
     mode: str = "jacrev",
-    chunk_size: Optional[int] = None,
+    chunk_size: task_grads_lib.ChunkSize = "auto",
     task_loss_fn: Optional[Callable[..., Any]] = None,
     eps: float = 1e-12,
     **kwargs,
@@ -496,7 +483,7 @@ def sharpness(
   if rhos is not None and rho_task is not None:
     raise ValueError("sharpness: rho_task= goes with rho_shared=; with rhos= every radius "
                      "applies to the shared and the task-specific leaves alike.")
-  _check_chunk(chunk_size, "sharpness")
+  chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "sharpness")
   if rhos is None:
     pert = task_perturbation(rho_shared, rho_task, adaptive=adaptive,
                              task_specific=task_specific, eps=eps, norm=norm)
@@ -527,7 +514,8 @@ def sharpness(
         point = jax.tree_util.tree_map(
             lambda p, d: p + (rho * d).astype(jnp.result_type(p)), params, d_i)
       return f(point, i)
-    return _map_over_tasks(one, (jnp.arange(m), directions), m, chunk_size)
+    return task_grads_lib.map_over_tasks(lambda x: one(*x), (jnp.arange(m), directions),
+                                         chunk_size)
 
   if rhos is None:
     return at_radius(None) - losses

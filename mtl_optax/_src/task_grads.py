@@ -9,7 +9,7 @@ there, one backward pass through the trunk).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +33,39 @@ def _check_losses_shape(out, has_aux, where):
   return shape[0]
 
 
-def _map_tasks(fn, eye, chunk_size):
-  """Applies ``fn`` to each row of ``eye``: all at once, or ``chunk_size`` at a time."""
-  m = eye.shape[0]
+ChunkSize = Union[int, None, str]
+
+
+def resolve_chunk_size(chunk_size: ChunkSize, where: str) -> Optional[int]:
+  """Validates ``chunk_size`` and resolves ``"auto"`` for the default backend.
+
+  ``"auto"`` is 1 (tasks in sequence) on CPU and None (all tasks in one
+  vmapped call) elsewhere. On XLA:CPU a backward pass vmapped over tasks
+  batches the weight-gradient products, which run slower than m sequential
+  passes (LeNet: 131 → 99 ms per m = 2 step; MLP at m = 8: see
+  ``benchmarks/speed.py``), while accelerators want the batched call.
+  """
+  if isinstance(chunk_size, str):
+    if chunk_size != "auto":
+      raise ValueError(f"{where}: chunk_size must be a positive int, None or 'auto', "
+                       f"got {chunk_size!r}.")
+    return 1 if jax.default_backend() == "cpu" else None
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size < 1):
+    raise ValueError(f"{where}: chunk_size must be a positive int, None or 'auto', "
+                     f"got {chunk_size!r}.")
+  return chunk_size
+
+
+def map_over_tasks(fn, xs, chunk_size: Optional[int]):
+  """``fn`` over the leading (task) axis of ``xs``: one vmap, or chunks in sequence.
+
+  ``chunk_size`` must already be resolved (:func:`resolve_chunk_size`).
+  """
+  m = jax.tree_util.tree_leaves(xs)[0].shape[0]
   if chunk_size is None or chunk_size >= m:
-    return jax.vmap(fn)(eye)
-  if chunk_size == 1:
-    return jax.lax.map(fn, eye)
-  return jax.lax.map(fn, eye, batch_size=chunk_size)
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=None if chunk_size == 1 else chunk_size)
 
 
 def task_grads(
@@ -48,7 +73,7 @@ def task_grads(
     params: PyTree,
     *args,
     mode: str = "jacrev",
-    chunk_size: Optional[int] = None,
+    chunk_size: ChunkSize = "auto",
     has_aux: bool = False,
     **kwargs,
 ):
@@ -68,7 +93,9 @@ def task_grads(
       works with functions that are not reverse-differentiable as a whole).
     chunk_size: differentiate at most this many tasks at once
       (``jax.lax.map(..., batch_size=chunk_size)``) to bound the memory of the
-      backward passes; None (default) does all m at once.
+      backward passes; None does all m at once (one vmapped call); "auto"
+      (default) is 1 on CPU and None on GPU/TPU (:func:`resolve_chunk_size`:
+      sequential passes are faster on XLA:CPU). Same mathematics either way.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
     **kwargs: keyword arguments passed to ``loss_fn``.
 
@@ -79,8 +106,7 @@ def task_grads(
   """
   if mode not in MODES:
     raise ValueError(f"task_grads: mode must be one of {MODES}, got {mode!r}.")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(f"task_grads: chunk_size must be a positive int or None, got {chunk_size!r}.")
+  chunk_size = resolve_chunk_size(chunk_size, "task_grads")
   f = lambda p: loss_fn(p, *args, **kwargs)
   m = _check_losses_shape(jax.eval_shape(f, params), has_aux, "task_grads")
   out_dtype = jax.eval_shape(f, params)
@@ -92,7 +118,7 @@ def task_grads(
       losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
     else:
       losses, vjp_fn = jax.vjp(f, params)
-    grads = _map_tasks(lambda e: vjp_fn(e)[0], eye, chunk_size)
+    grads = map_over_tasks(lambda e: vjp_fn(e)[0], eye, chunk_size)
   else:
     def one(e):
       def weighted(p):
@@ -101,7 +127,7 @@ def task_grads(
         return jnp.dot(e, ls), (ls, ax)
       return jax.grad(weighted, has_aux=True)(params)
 
-    grads, (all_losses, all_aux) = _map_tasks(one, eye, chunk_size)
+    grads, (all_losses, all_aux) = map_over_tasks(one, eye, chunk_size)
     # Every task ran the same forward pass; take the first copy.
     losses = all_losses[0]
     aux = jax.tree_util.tree_map(lambda a: a[0], all_aux)
@@ -115,7 +141,7 @@ def representation_grads(
     head_params: PyTree,
     trunk_args: tuple = (),
     head_args: tuple = (),
-    chunk_size: Optional[int] = None,
+    chunk_size: ChunkSize = "auto",
 ):
   """Per-task gradients w.r.t. the shared representation z = trunk(θ_sh, ...).
 
@@ -148,7 +174,7 @@ def representation_update(
     head_params: PyTree,
     trunk_args: tuple = (),
     head_args: tuple = (),
-    chunk_size: Optional[int] = None,
+    chunk_size: ChunkSize = "auto",
     allow_invalid: bool = False,
     **extra,
 ):
