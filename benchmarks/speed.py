@@ -9,7 +9,8 @@ Sections (all figures are medians of ≥ 5 repeats after warm-up, with
   (m separate jitted ``jax.grad`` calls of single task losses, minus (m − 1)
   forward passes); peak temporary memory from XLA's compiled memory analysis
   (``compiled.memory_analysis().temp_size_in_bytes``: deterministic, what the
-  executable allocates besides its arguments and outputs).
+  executable allocates besides its arguments and outputs), and the output size
+  (the m stacked gradients vs the one summed gradient).
 * ``aggregators``: time of each method's update (weights + recombination) vs
   the Gram matrix alone, for m tasks and P shared parameters.
 * ``full``: full training step (task gradients + aggregator + Adam) against
@@ -57,13 +58,20 @@ def timeit(fn, *args, repeats=7, warmup=2):
   return statistics.median(times)
 
 
-def temp_bytes(jitted, *args):
-  """Peak temporary memory of a jitted function's executable (bytes) or None."""
+def memory_bytes(jitted, *args):
+  """(temporary, output) bytes of a jitted function's executable, or (None, None).
+
+  Temporary = what the executable allocates besides its arguments and outputs
+  (activations, backward residuals); output = its results (for task_grads the
+  m stacked gradients, which every aggregator needing J must hold).
+  """
   try:
     analysis = jitted.lower(*args).compile().memory_analysis()
-    return int(analysis.temp_size_in_bytes) if analysis is not None else None
   except Exception:  # pylint: disable=broad-except
-    return None
+    return None, None
+  if analysis is None:
+    return None, None
+  return int(analysis.temp_size_in_bytes), int(analysis.output_size_in_bytes)
 
 
 # ---------------------------------------------------------------------------
@@ -132,16 +140,18 @@ def bench_engine(task_counts, repeats):
     t_single = timeit(single, params, x, y, repeats=repeats)
     # 1 forward + m backward passes: m full gradient calls share one forward.
     t_ref = m * t_single - (m - 1) * t_fwd
-    mem_plain = temp_bytes(plain, params, x, y)
+    mem_plain, out_plain = memory_bytes(plain, params, x, y)
     row = {"m": m, "plain_ms": 1e3 * t_plain, "forward_ms": 1e3 * t_fwd,
-           "one_fwd_m_bwd_ms": 1e3 * t_ref, "plain_temp_mb": (mem_plain or 0) / 2**20}
+           "one_fwd_m_bwd_ms": 1e3 * t_ref, "plain_temp_mb": (mem_plain or 0) / 2**20,
+           "plain_out_mb": (out_plain or 0) / 2**20}
     for name, fn in engines.items():
       t = timeit(fn, params, x, y, repeats=repeats)
-      mem = temp_bytes(fn, params, x, y)
+      mem, out = memory_bytes(fn, params, x, y)
       row[f"{name}_ms"] = 1e3 * t
       row[f"{name}_vs_plain"] = t / t_plain
       row[f"{name}_vs_1f_mb"] = t / t_ref
       row[f"{name}_temp_mb"] = (mem or 0) / 2**20
+      row[f"{name}_out_mb"] = (out or 0) / 2**20
       row[f"{name}_temp_vs_plain"] = (mem / mem_plain) if mem and mem_plain else None
     rows.append(row)
     print(f"engine m={m:3d}: plain {row['plain_ms']:.1f} ms | jacrev {row['jacrev_vs_plain']:.2f}x "
@@ -149,7 +159,8 @@ def bench_engine(task_counts, repeats):
           f" | vmap {row['vmap_vs_plain']:.2f}x | "
           f"chunk4 {row['jacrev_chunk4_vs_plain']:.2f}x | repr {row['representation_vs_plain']:.2f}x"
           f" | temp MB plain {row['plain_temp_mb']:.0f} jacrev {row['jacrev_temp_mb']:.0f} "
-          f"chunk4 {row['jacrev_chunk4_temp_mb']:.0f}", flush=True)
+          f"chunk4 {row['jacrev_chunk4_temp_mb']:.0f} vmapped {row['jacrev_vmapped_temp_mb']:.0f}"
+          f" | out MB plain {row['plain_out_mb']:.0f} jacrev {row['jacrev_out_mb']:.0f}", flush=True)
   return rows
 
 
