@@ -1,11 +1,13 @@
 """Markdown tables for benchmarks/README.md from the multi-MNIST result files.
 
-    python -m benchmarks.report [--clrr FILE] [--clcr FILE] [--rlrr FILE]
+    python -m benchmarks.report [--clrr FILE] [--clcr-full FILE] [--rlrr FILE]
+                                [--clcr FILE] [--clcr2 FILE] [--toy FILE]
 
-Prints: our CL_RR table next to Gama & Grassi's Table 3 with the Spearman
-correlation of the two rankings (methods present in both), the paired gaps of
-the gradient-balancing methods to uniform loss (per task pair), and the
-flat-vs-vanilla pairs next to Phan et al.'s Table 1.
+Prints: per task pair, our table (Gama & Grassi's Table 3 alongside for CL_RR,
+with the Spearman correlation of the two rankings over the methods in both),
+the paired gaps of the gradient methods to uniform loss, and each SMTO next to
+its fixed-weight re-run; the flat-vs-vanilla pairs next to Phan et al.'s
+Table 1; the toy table.
 """
 
 from __future__ import annotations
@@ -45,26 +47,35 @@ def _load(path):
   return None
 
 
-def clrr_table(res):
+def method_table(res, published=None):
+  """Our table for one task pair; ``published``: {method: (Δtask1, Δtask2, avg)} alongside."""
   names = res["config"]["task_names"]
+  metric = res["config"].get("metric_names", ["", ""])
   rows = [(k, v) for k, v in res["methods"].items() if "error" not in v]
   rows.sort(key=lambda kv: -kv[1]["delta_m_mean"])
-  out = ["| method | CL acc | RR MSE | ΔCL% | ΔRR% | Δm% (± std) | MR | interference | G&G ΔCL | G&G ΔRR | G&G avg |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  head = (f"| method | {names[0]} {metric[0]} | {names[1]} {metric[1]} | Δ{names[0]}% | "
+          f"Δ{names[1]}% | Δm% (± std) | MR | interference |")
+  sep = "|---|---|---|---|---|---|---|---|"
+  if published:
+    head += " G&G Δ1 | G&G Δ2 | G&G avg |"
+    sep += "---|---|---|"
+  out = [head, sep]
   stl = res["stl"]
-  out.append(f"| STL | {stl[names[0]]['test_mean']:.4f} | {stl[names[1]]['test_mean']:.5f} |"
-             " 0 | 0 | 0 | | | | | |")
+  out.append(f"| STL | {stl[names[0]]['test_mean']:.4f} | {stl[names[1]]['test_mean']:.4f} |"
+             " 0 | 0 | 0 | | |" + (" | | |" if published else ""))
   for k, v in rows:
-    gg = GAMA_GRASSI_CLRR.get(k)
-    ggs = " | ".join(f"{x:.3f}" for x in gg) if gg else " | | "
     inter = np.mean([np.mean(x) for x in v["interference"]])
-    out.append(f"| {v['label']} | {v['test_mean'][0]:.4f} | {v['test_mean'][1]:.5f} | "
-               f"{v['delta_task_mean'][0]:.2f} | {v['delta_task_mean'][1]:.2f} | "
-               f"{v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | "
-               f"{v.get('mean_rank', float('nan')):.2f} | {inter:.3f} | {ggs} |")
-  common = [k for k, _ in rows if k in GAMA_GRASSI_CLRR]
+    line = (f"| {v['label']} | {v['test_mean'][0]:.4f} | {v['test_mean'][1]:.4f} | "
+            f"{v['delta_task_mean'][0]:.2f} | {v['delta_task_mean'][1]:.2f} | "
+            f"{v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | "
+            f"{v.get('mean_rank', float('nan')):.2f} | {inter:.3f} |")
+    if published:
+      gg = published.get(k)
+      line += (" " + " | ".join(f"{x:.3f}" for x in gg) + " |") if gg else " | | |"
+    out.append(line)
+  common = [k for k, _ in rows if published and k in published]
   rho = metrics.spearman([res["methods"][k]["delta_m_mean"] for k in common],
-                         [GAMA_GRASSI_CLRR[k][2] for k in common]) if len(common) > 2 else float("nan")
+                         [published[k][2] for k in common]) if len(common) > 2 else float("nan")
   return "\n".join(out), common, rho
 
 
@@ -120,6 +131,25 @@ def flat_table(res, flat_res=None):
   return "\n".join(lines)
 
 
+def fixed_table(res):
+  """Each SMTO next to the re-run with its extracted fixed weights (paired by seed)."""
+  lines = ["| source method | method Δm% | fixed weights (seed 0) | fixed-weight Δm% | "
+           "fixed − method (paired) |", "|---|---|---|---|---|"]
+  n = 0
+  for k, v in res["methods"].items():
+    src = v.get("source") if isinstance(v, dict) else None
+    if not src or "error" in v or src not in res["methods"]:
+      continue
+    s = res["methods"][src]
+    d = np.asarray(v["delta_m"]) - np.asarray(s["delta_m"])
+    w0 = ", ".join(f"{x:.3f}" for x in v["fixed_weights"][0])
+    lines.append(f"| {s['label']} | {s['delta_m_mean']:.2f} ± {s['delta_m_std']:.2f} | ({w0}) | "
+                 f"{v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | {d.mean():+.2f} ± "
+                 f"{d.std():.2f} |")
+    n += 1
+  return "\n".join(lines) if n else ""
+
+
 def toy_table(res):
   starts = res["starts"]
   lines = ["| method | " + " | ".join(str(tuple(x)) for x in starts) + " | reached |",
@@ -133,40 +163,51 @@ def toy_table(res):
 
 def main(argv=None):
   p = argparse.ArgumentParser()
-  p.add_argument("--clrr", default=os.path.join(RESULTS, "multimnist_CL_RR_full_mlp.json"))
-  p.add_argument("--clcr", default=os.path.join(RESULTS, "multimnist_CL_CR_flat_mlp.json"))
-  p.add_argument("--clcr2",
-                 default=os.path.join(RESULTS, "multimnist_CL_CR_flat_rho005_mlp.json"))
-  p.add_argument("--rlrr", default=os.path.join(RESULTS, "multimnist_RL_RR_mlp.json"))
-  p.add_argument("--toy", default=os.path.join(RESULTS, "toy_scale1.json"))
+  f = lambda name: os.path.join(RESULTS, name)
+  p.add_argument("--clrr", default=f("multimnist_CL_RR_full_mlp.json"))
+  p.add_argument("--clcr-full", default=f("multimnist_CL_CR_full_mlp.json"))
+  p.add_argument("--rlrr", default=f("multimnist_RL_RR_full_mlp.json"))
+  p.add_argument("--clcr", default=f("multimnist_CL_CR_flat_small_mlp.json"),
+                 help="flat vs vanilla, FS-MTL SAM setting")
+  p.add_argument("--clcr2", default=f("multimnist_CL_CR_flat_small_rho005_mlp.json"),
+                 help="flat vs vanilla, plain SAM rho 0.05")
+  p.add_argument("--toy", default=f("toy_scale1.json"))
   a = p.parse_args(argv)
   toy = _load(a.toy)
   if toy:
     print("### Toy\n")
     print(toy_table(toy))
     print()
-  clrr, clcr, rlrr = _load(a.clrr), _load(a.clcr), _load(a.rlrr)
-  if clrr:
-    table, common, rho = clrr_table(clrr)
-    print("### CL_RR\n")
+  gradient_methods = ("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "fairgrad", "edm", "cdtt",
+                      "famo", "upgrad", "aligned_mtl", "config")
+  for title, path in (("CL_RR", a.clrr), ("CL_CR", a.clcr_full), ("RL_RR", a.rlrr)):
+    res = _load(path)
+    if not res:
+      continue
+    table, common, rho = method_table(
+        res, GAMA_GRASSI_CLRR if title == "CL_RR" else None)
+    print(f"### {title}\n")
     print(table)
-    print(f"\nSpearman correlation of the Δm% ranking with Gama & Grassi Table 3 over the "
-          f"{len(common)} methods in both ({', '.join(common)}): ρ = {rho:.3f}\n")
-    print(gap_table(clrr, "CL_RR"))
+    if title == "CL_RR":
+      print(f"\nSpearman correlation of the Δm% ranking with Gama & Grassi Table 3 over the "
+            f"{len(common)} methods in both ({', '.join(common)}): ρ = {rho:.3f}")
     print()
+    print(gap_table(res, title, methods=gradient_methods))
+    print()
+    fixed = fixed_table(res)
+    if fixed:
+      print(fixed)
+      print()
+  clcr = _load(a.clcr)
   if clcr:
-    print(gap_table(clcr, "CL_CR", methods=("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl",
-                                            "fairgrad", "edm", "cdtt", "famo")))
-    print("\n### CL_CR flat vs vanilla\n")
+    print("### CL_CR flat vs vanilla (adaptive SAM, rho 2, joint norm)\n")
     print(flat_table(clcr))
     print()
-    clcr2 = _load(a.clcr2)
-    if clcr2:
-      print("\n### CL_CR flat (plain SAM, rho 0.05) vs vanilla\n")
-      print(flat_table(clcr, clcr2))
-      print()
-  if rlrr:
-    print(gap_table(rlrr, "RL_RR"))
+  clcr2 = _load(a.clcr2)
+  if clcr2:
+    print("### CL_CR flat vs vanilla (plain SAM, rho 0.05, separate norms)\n")
+    print(flat_table(clcr2))
+    print()
 
 
 if __name__ == "__main__":

