@@ -70,14 +70,48 @@ def scaled_gram(row_gram: Array, log2_factors: Array) -> Array:
   return row_gram * rel[:, None] * rel[None, :]
 
 
-def gram_matrix(leaves: Sequence[Array], scale: Array | float = 1.0) -> Array:
+# XLA:CPU's dot of an (m, K) matrix with its transpose slows down 5-10x once the
+# operand no longer fits in cache (m = 2, K = 1e7: 64 ms where the same bytes are
+# read in 3 ms); a loop over column blocks keeps each product cache-resident.
+_CPU_GRAM_BLOCK_BYTES = 2 ** 26
+_CPU_GRAM_BLOCK_COLUMNS = 2 ** 15
+
+
+def _row_gram(row: Array, acc, scale, block_bytes: int) -> Array:
+  """``(row / scale) (row / scale)ᵀ`` of one ``(m, K)`` matrix, accumulated in ``acc``."""
+  dtype = jnp.promote_types(row.dtype, acc)
+  scale = jnp.asarray(scale, acc)
+
+  def gram(block):
+    block = block.astype(dtype) / scale
+    return jax.lax.dot_general(block, block, (((1,), (1,)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST)
+
+  m, k = row.shape
+  if (jax.default_backend() != "cpu" or k <= _CPU_GRAM_BLOCK_COLUMNS
+      or m * k * jnp.dtype(dtype).itemsize <= block_bytes):
+    return gram(row)
+  n_blocks, tail = divmod(k, _CPU_GRAM_BLOCK_COLUMNS)
+  body = lambda i, g: g + gram(jax.lax.dynamic_slice_in_dim(
+      row, i * _CPU_GRAM_BLOCK_COLUMNS, _CPU_GRAM_BLOCK_COLUMNS, axis=1))
+  out = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((m, m), dtype))
+  return out + gram(row[:, n_blocks * _CPU_GRAM_BLOCK_COLUMNS:]) if tail else out
+
+
+def gram_matrix(leaves: Sequence[Array], scale: Array | float = 1.0, *,
+                block_bytes: int = _CPU_GRAM_BLOCK_BYTES) -> Array:
   """Gram matrix ``G_ij = <g_i, g_j> / scale²`` over stacked leaves.
+
+  On CPU, a leaf of more than ``block_bytes`` (64 MiB) is multiplied in column
+  blocks of 2¹⁵ (a loop: 5x faster there, same float32 accumulation); on
+  GPU/TPU every leaf is one product.
 
   Args:
     leaves: stacked gradient leaves, each of shape ``(m, ...)``.
     scale: divisor applied to the rows before the products: a scalar, or an
       ``(m, 1)`` array of per-row divisors (see :func:`power_of_two_scale`) to
       avoid overflow and underflow for huge or tiny gradients.
+    block_bytes: size above which a leaf is blocked on CPU (default 2²⁶).
 
   Returns:
     ``(m, m)`` symmetric matrix in float32 (float64 for float64 inputs).
@@ -88,8 +122,7 @@ def gram_matrix(leaves: Sequence[Array], scale: Array | float = 1.0) -> Array:
   acc = accumulation_dtype(leaves[0].dtype)
   gram = jnp.zeros((m, m), acc)
   for row in task_rows(leaves):
-    row = row.astype(jnp.promote_types(row.dtype, acc)) / jnp.asarray(scale, acc)
-    gram = gram + jnp.dot(row, row.T, precision=jax.lax.Precision.HIGHEST)
+    gram = gram + _row_gram(row, acc, scale, block_bytes)
   # Symmetrise: round-off may leave the two triangles a few ulps apart.
   return 0.5 * (gram + gram.T)
 
