@@ -26,15 +26,18 @@ def make_model(m):
   return trunk, heads
 
 
-def median_time(fn, repeats, warmup=2):
-  for _ in range(warmup):
-    fn()
-  times = []
+def median_times(calls, repeats, warmup=2):
+  """Median wall time (s) of each ``name -> fn``, measured round-robin (same load for all)."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in calls}
   for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, fn in calls.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main():
@@ -69,7 +72,7 @@ def main():
 
   aggregators = {"mean": A.Mean(), "mgda": A.MGDA(), "cagrad": A.CAGrad(c=0.4),
                  "upgrad": A.UPGrad(), "nash_mtl": A.NashMTL(n_tasks=m)}
-  out = {"plain_sum": median_time(plain, args.repeats)}
+  calls = {"plain_sum": plain}
 
   for name, agg in aggregators.items():
     def torchjd_step(agg=agg):
@@ -95,9 +98,9 @@ def main():
         offset += p.numel()
       opt.step()
 
-    out[f"torchjd_{name}"] = median_time(torchjd_step, args.repeats)
-    out[f"loop_{name}"] = median_time(loop_step, args.repeats)
-  print(json.dumps(out))
+    calls[f"torchjd_{name}"] = torchjd_step
+    calls[f"loop_{name}"] = loop_step
+  print(json.dumps(median_times(calls, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -46,16 +46,23 @@ RESULTS = Path(__file__).parent / "results"
 TORCH_PY = Path(__file__).resolve().parent.parent / ".venv-torch" / "bin" / "python"
 
 
-def timeit(fn, *args, repeats=7, warmup=2):
-  """Median wall time (s) of ``fn(*args)`` after warm-up, synchronised."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
+def timeit_interleaved(calls, repeats=7, warmup=2):
+  """Median wall times (s) of several ``name -> (fn, args)``, measured round-robin.
+
+  Interleaving puts every function under the same background load: on a shared
+  2-core machine, consecutive blocks of repeats drift by 20-30 % between blocks,
+  which sequential timing turns into spurious ratios.
+  """
+  for fn, args in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in calls}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, (fn, args) in calls.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def memory_bytes(jitted, *args):
@@ -135,9 +142,11 @@ def bench_engine(task_counts, repeats):
         "representation": jax.jit(lambda p, x, y: mo.representation_grads(
             trunk_fn, heads_loss_fn, p["trunk"], p["heads"], (x,), (y,))[:3]),
     }
-    t_plain = timeit(plain, params, x, y, repeats=repeats)
-    t_fwd = timeit(fwd, params, x, y, repeats=repeats)
-    t_single = timeit(single, params, x, y, repeats=repeats)
+    args = (params, x, y)
+    times = timeit_interleaved(
+        {"plain": (plain, args), "fwd": (fwd, args), "single": (single, args),
+         **{name: (fn, args) for name, fn in engines.items()}}, repeats=repeats)
+    t_plain, t_fwd, t_single = times["plain"], times["fwd"], times["single"]
     # 1 forward + m backward passes: m full gradient calls share one forward.
     t_ref = m * t_single - (m - 1) * t_fwd
     mem_plain, out_plain = memory_bytes(plain, params, x, y)
@@ -145,7 +154,7 @@ def bench_engine(task_counts, repeats):
            "one_fwd_m_bwd_ms": 1e3 * t_ref, "plain_temp_mb": (mem_plain or 0) / 2**20,
            "plain_out_mb": (out_plain or 0) / 2**20}
     for name, fn in engines.items():
-      t = timeit(fn, params, x, y, repeats=repeats)
+      t = times[name]
       mem, out = memory_bytes(fn, params, x, y)
       row[f"{name}_ms"] = 1e3 * t
       row[f"{name}_vs_plain"] = t / t_plain
@@ -177,20 +186,26 @@ def bench_aggregators(task_counts, sizes, repeats):
       g = {"w": jax.random.normal(jax.random.PRNGKey(m), (m, int(p_size)))}
       params = {"w": jnp.zeros(int(p_size))}
       gram_only = jax.jit(lambda g: mo.linalg.gram_matrix([g["w"]]))
-      t_gram = timeit(gram_only, g, repeats=repeats)
-      row = {"m": m, "P": int(p_size), "gram_ms": 1e3 * t_gram}
+      calls = {"gram": (gram_only, (g,))}
+      losses = jnp.ones((m,))
       for name in AGGREGATORS:
         factory = getattr(mo, name, None)
         if factory is None:
           continue
         tx = factory(num_tasks=m)
-        state = tx.init(params)
-        fn = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params))
-        row[f"{name}_ms"] = 1e3 * timeit(fn, g, state, repeats=repeats)
+        fn = jax.jit(lambda g, s, l, tx=tx: tx.update(g, s, params, losses=l))
+        calls[name] = (fn, (g, tx.init(params), losses))
+      times = timeit_interleaved(calls, repeats=repeats)
+      row = {"m": m, "P": int(p_size)}
+      row.update({f"{name}_ms": 1e3 * t for name, t in times.items()})
+      for name in AGGREGATORS:
+        if f"{name}_ms" in row:
+          row[f"{name}_vs_gram"] = row[f"{name}_ms"] / row["gram_ms"]
       rows.append(row)
+      jax.clear_caches()   # ~200 executables per P: keep XLA:CPU's memory maps bounded
       print(f"aggregators P={int(p_size):>9d} m={m:3d}: gram {row['gram_ms']:.2f} ms | " +
             " ".join(f"{k[:-3]} {v:.2f}" for k, v in row.items() if k.endswith("_ms")
-                     and k != "gram_ms"), flush=True)
+                     and k != "gram_ms") + " ms", flush=True)
   return rows
 
 
@@ -198,11 +213,10 @@ FULL_METHODS = ["mean", "mgda", "cagrad", "upgrad", "nash_mtl"]
 
 
 def jax_full_steps(m, repeats):
+  """Full steps, task gradients alone and each aggregator's update alone, interleaved."""
   params = init_mlp(jax.random.PRNGKey(0), m)
   x, y = batch(m)
-  out = {}
   plain_tx = optax.adam(1e-3)
-  plain_state = plain_tx.init(params)
 
   @jax.jit
   def plain_step(p, s, x, y):
@@ -210,24 +224,28 @@ def jax_full_steps(m, repeats):
     u, s = plain_tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  out["plain_sum"] = timeit(plain_step, params, plain_state, x, y, repeats=repeats)
+  calls = {"plain_sum": (plain_step, (params, plain_tx.init(params), x, y))}
+  tg = jax.jit(lambda p: mo.task_grads(loss_fn, p, x, y))
+  calls["task_grads_only"] = (tg, (params,))
+  losses, grads = tg(params)
+
+  def add(name, factory, **step_kwargs):
+    tx = optax.chain(factory(task_specific=HEADS, num_tasks=m), optax.adam(1e-3))
+    step = mo.make_train_step(loss_fn, tx, **step_kwargs)
+    calls[name] = (lambda p, s, step=step: step(p, s, x, y)[:2], (params, tx.init(params)))
+    return tx
+
   for name in FULL_METHODS:
     factory = getattr(mo, name, None)
     if factory is None:
       continue
-    tx = optax.chain(factory(task_specific=HEADS, num_tasks=m), optax.adam(1e-3))
-    step = mo.make_train_step(loss_fn, tx)
-    state = tx.init(params)
-    out[name] = timeit(lambda p, s: step(p, s, x, y)[:2], params, state, repeats=repeats)
+    tx = add(name, factory)
+    # The aggregator and Adam alone, on precomputed task gradients.
+    update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l))
+    calls[f"{name}_update_only"] = (update, (grads, tx.init(params), params, losses))
   # The accelerator layout (all tasks in one vmapped backward pass) on this CPU.
-  tx = optax.chain(mo.mean(task_specific=HEADS, num_tasks=m), optax.adam(1e-3))
-  step = mo.make_train_step(loss_fn, tx, chunk_size=None)
-  out["mean_vmapped"] = timeit(lambda p, s: step(p, s, x, y)[:2], params, tx.init(params),
-                               repeats=repeats)
-  # Aggregation share = 1 - (task gradients alone) / (full step).
-  tg = jax.jit(lambda p: mo.task_grads(loss_fn, p, x, y))
-  out["task_grads_only"] = timeit(tg, params, repeats=repeats)
-  return out
+  add("mean_vmapped", mo.mean, chunk_size=None)
+  return timeit_interleaved(calls, repeats=repeats)
 
 
 def torch_full_steps(m, repeats, threads):
@@ -268,7 +286,11 @@ def bench_full(task_counts, repeats, threads, rounds=2):
     if "torch_plain_sum_ms" in row:
       row["plain_vs_torch"] = row["jax_plain_sum_ms"] / row["torch_plain_sum_ms"]
     for name in FULL_METHODS:
-      if f"jax_{name}_ms" in row and name != "mean":
+      if f"jax_{name}_ms" in row:
+        # Two estimates of the aggregation's share of the step: the standalone update
+        # (aggregator + Adam on precomputed gradients) over the step, and one minus the
+        # task gradients' share.
+        row[f"{name}_update_share"] = row[f"jax_{name}_update_only_ms"] / row[f"jax_{name}_ms"]
         row[f"{name}_aggregation_share"] = 1 - row["jax_task_grads_only_ms"] / row[f"jax_{name}_ms"]
     rows.append(row)
     print(f"full step m={m}: " + ", ".join(
@@ -284,7 +306,7 @@ def main(argv=None):
   parser.add_argument("--out", default=str(RESULTS / "speed.json"))
   args = parser.parse_args(argv)
   sections = args.sections.split(",")
-  repeats = 3 if args.quick else 7
+  repeats = 3 if args.quick else 11
   result = {"meta": {"jax": jax.__version__, "python": platform.python_version(),
                      "devices": str(jax.devices()), "cpu_count": os.cpu_count(),
                      "load_avg_at_start": os.getloadavg(), "quick": args.quick,
@@ -299,8 +321,16 @@ def main(argv=None):
     result["full"] = bench_full([2] if args.quick else [8], repeats, args.threads,
                                 rounds=1 if args.quick else 2)
   result["meta"]["load_avg_at_end"] = os.getloadavg()
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(result, indent=1))
+  result["meta"]["sections"] = sections
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if out.exists():   # keep the sections this run did not measure (with their own meta)
+    previous = json.loads(out.read_text())
+    for key, value in previous.items():
+      if key != "meta" and key not in result:
+        result[key] = value
+        result.setdefault("meta_of_kept_sections", {})[key] = previous.get("meta")
+  out.write_text(json.dumps(result, indent=1))
   print(f"wrote {args.out}")
 
 
