@@ -7,7 +7,7 @@ module. Flax is imported lazily: it is an optional dependency.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import jax
 import optax
@@ -28,7 +28,7 @@ def make_train_step(
     tx: optax.GradientTransformationExtraArgs,
     *,
     mode: str = "jacrev",
-    chunk_size: Union[int, None, str] = "auto",
+    chunk_size: task_grads_lib.ChunkSize = "auto",
     has_aux: bool = False,
     perturbation: Optional[optax.GradientTransformation] = None,
     perturbation_groups: Optional[int] = None,

@@ -187,7 +187,7 @@ def rotograd(burn_in_period: int = 20, *, task_specific=None,
 def rotograd_update(aggregator, state, trunk_fn: Callable[..., Any],
                     heads_loss_fn: Callable[..., Any], trunk_params: Any, head_params: Any,
                     rotation_params: Any, trunk_args: tuple = (), head_args: tuple = (),
-                    chunk_size="auto", **extra):
+                    chunk_size: task_grads_lib.ChunkSize = "auto", **extra):
   """One RotoGrad step: trunk, head and rotation gradients.
 
   Args:
