@@ -4,10 +4,12 @@ Same multi-task MLP as the JAX side (trunk 784-512-512-512, one 512→10 head pe
 task, cross-entropy per task, batch 256, Adam): the plain summed-loss step,
 TorchJD's ``mtl_backward`` + ``jac_to_grad`` step, and a LibMTL-style loop of
 per-task ``torch.autograd.grad`` calls followed by the same TorchJD aggregator
-on the stacked Jacobian.
+on the stacked Jacobian, and TorchJD's Gramian engine (``autogram.Engine`` on
+the trunk, a ``Weighting`` of the Gramian, one weighted backward pass).
 """
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -100,6 +102,28 @@ def main():
 
     calls[f"torchjd_{name}"] = torchjd_step
     calls[f"loop_{name}"] = loop_step
+
+  # TorchJD's autogram engine: the Gramian w.r.t. the trunk from module hooks, weights
+  # from it, then one backward pass of the weighted losses (its documented usage; the
+  # heads then get weighted gradients, which costs the same).
+  # The engine hooks every forward pass of the module it is given: a copy of the trunk
+  # keeps the other steps' forward passes out of it.
+  from torchjd.autogram import Engine  # pylint: disable=g-import-not-at-top
+  trunk_ag = copy.deepcopy(trunk)
+  opt_ag = torch.optim.Adam(list(trunk_ag.parameters()) + list(heads.parameters()), lr=1e-3)
+  engine = Engine(trunk_ag, batch_dim=None)
+  weightings = {"mean": A.MeanWeighting(), "mgda": A.MGDAWeighting(),
+                "cagrad": A.CAGradWeighting(c=0.4), "upgrad": A.UPGradWeighting()}
+  for name, weighting in weightings.items():
+    def autogram_step(weighting=weighting):
+      opt_ag.zero_grad(set_to_none=True)
+      z = trunk_ag(x)
+      losses = torch.stack([ce(h(z), y[i]) for i, h in enumerate(heads)])
+      weights = weighting(engine.compute_gramian(losses))
+      losses.backward(weights)
+      opt_ag.step()
+
+    calls[f"autogram_{name}"] = autogram_step
   print(json.dumps(median_times(calls, args.repeats)))
 
 

@@ -4,7 +4,8 @@ Sections (all figures are medians of ≥ 5 repeats after warm-up, with
 ``jax.block_until_ready``; ratios are measured side by side in one run):
 
 * ``engine``: per-task gradient engines (jacrev, vmap, chunked jacrev,
-  shared-representation) relative to the plain summed-loss step, and relative
+  shared-representation; stacked vs factored with the Gram matrix) relative to
+  the plain summed-loss step, and relative
   to the cost of "1 forward + m backward passes" measured on the same model
   (m separate jitted ``jax.grad`` calls of single task losses, minus (m − 1)
   forward passes); peak temporary memory from XLA's compiled memory analysis
@@ -13,8 +14,10 @@ Sections (all figures are medians of ≥ 5 repeats after warm-up, with
   (the m stacked gradients vs the one summed gradient).
 * ``aggregators``: time of each method's update (weights + recombination) vs
   the Gram matrix alone, for m tasks and P shared parameters.
-* ``full``: full training step (task gradients + aggregator + Adam) against
-  TorchJD (``mtl_backward`` + ``jac_to_grad``) and a LibMTL-style loop of
+* ``full``: full training step (task gradients + aggregator + Adam), with the
+  stacked and the factored (``mode="factored"``) engines, against TorchJD
+  (``mtl_backward`` + ``jac_to_grad``), TorchJD's Gramian engine
+  (``torchjd.autogram.Engine``) and a LibMTL-style loop of
   per-task ``autograd.grad`` calls, same MLP, batch and threads; the PyTorch
   side runs in ``.venv-torch`` (CPU torch wheel for Python 3.11) as a
   subprocess of this script, interleaved with the JAX measurements.
@@ -123,6 +126,18 @@ def batch(m, b=256, seed=0):
 # Sections.
 # ---------------------------------------------------------------------------
 
+def _with_gram(losses, jac):
+  """The Jacobian and the Gram matrix of its trunk rows (either form)."""
+  if isinstance(jac, mo.FactoredJacobian):
+    trunk = [l for l, path in enumerate(_leaf_paths(jac.shapes)) if "trunk" in path]
+    return losses, jac, jac.gram(trunk)
+  return losses, jac, mo.linalg.gram_matrix(jax.tree_util.tree_leaves(jac["trunk"]))
+
+
+def _leaf_paths(tree):
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 def bench_engine(task_counts, repeats):
   rows = []
   for m in task_counts:
@@ -141,6 +156,11 @@ def bench_engine(task_counts, repeats):
         "jacrev_chunk4": jax.jit(lambda p, x, y: mo.task_grads(loss_fn, p, x, y, chunk_size=4)),
         "representation": jax.jit(lambda p, x, y: mo.representation_grads(
             trunk_fn, heads_loss_fn, p["trunk"], p["heads"], (x,), (y,))[:3]),
+        # What a Gram-based method needs before its weights: per-task gradients + the
+        # trunk's Gram matrix, stacked (task_grads) vs factored (factored_task_grads).
+        "jacrev_gram": jax.jit(lambda p, x, y: _with_gram(*mo.task_grads(loss_fn, p, x, y))),
+        "factored_gram": jax.jit(lambda p, x, y: _with_gram(
+            *mo.factored_task_grads(loss_fn, p, x, y))),
     }
     args = (params, x, y)
     times = timeit_interleaved(
@@ -169,7 +189,9 @@ def bench_engine(task_counts, repeats):
           f"chunk4 {row['jacrev_chunk4_vs_plain']:.2f}x | repr {row['representation_vs_plain']:.2f}x"
           f" | temp MB plain {row['plain_temp_mb']:.0f} jacrev {row['jacrev_temp_mb']:.0f} "
           f"chunk4 {row['jacrev_chunk4_temp_mb']:.0f} vmapped {row['jacrev_vmapped_temp_mb']:.0f}"
-          f" | out MB plain {row['plain_out_mb']:.0f} jacrev {row['jacrev_out_mb']:.0f}", flush=True)
+          f" | out MB plain {row['plain_out_mb']:.0f} jacrev {row['jacrev_out_mb']:.0f}"
+          f" | with Gram: jacrev {row['jacrev_gram_ms']:.1f} ms, factored "
+          f"{row['factored_gram_ms']:.1f} ms", flush=True)
   return rows
 
 
@@ -228,11 +250,19 @@ def jax_full_steps(m, repeats):
   tg = jax.jit(lambda p: mo.task_grads(loss_fn, p, x, y))
   calls["task_grads_only"] = (tg, (params,))
   losses, grads = tg(params)
+  fg = jax.jit(lambda p: mo.factored_task_grads(loss_fn, p, x, y))
+  calls["factored_grads_only"] = (fg, (params,))
+  _, factors = fg(params)
+  update_fn = lambda tx: jax.jit(lambda g, s, p, l: tx.update(g, s, p, losses=l))
+
+  memory = {}
 
   def add(name, factory, **step_kwargs):
     tx = optax.chain(factory(task_specific=HEADS, num_tasks=m), optax.adam(1e-3))
     step = mo.make_train_step(loss_fn, tx, **step_kwargs)
     calls[name] = (lambda p, s, step=step: step(p, s, x, y)[:2], (params, tx.init(params)))
+    if name.startswith("upgrad"):
+      memory[f"{name}_temp_bytes"] = memory_bytes(step, params, tx.init(params), x, y)[0]
     return tx
 
   for name in FULL_METHODS:
@@ -241,11 +271,17 @@ def jax_full_steps(m, repeats):
       continue
     tx = add(name, factory)
     # The aggregator and Adam alone, on precomputed task gradients.
-    update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l))
-    calls[f"{name}_update_only"] = (update, (grads, tx.init(params), params, losses))
+    calls[f"{name}_update_only"] = (update_fn(tx), (grads, tx.init(params), params, losses))
+    # The Jacobian's dense-layer blocks as factors (mo.factored_task_grads), and the
+    # aggregator + Adam alone on precomputed factors (the Gram products from the
+    # factors, weights, Aᵀ(Σ w_i Δ_i), Adam).
+    tx = add(f"{name}_factored", factory, mode="factored")
+    calls[f"{name}_factored_update_only"] = (update_fn(tx), (factors, tx.init(params), params,
+                                                             losses))
   # The accelerator layout (all tasks in one vmapped backward pass) on this CPU.
   add("mean_vmapped", mo.mean, chunk_size=None)
-  return timeit_interleaved(calls, repeats=repeats)
+  times = timeit_interleaved(calls, repeats=repeats)
+  return times, memory
 
 
 def torch_full_steps(m, repeats, threads):
@@ -265,10 +301,11 @@ def bench_full(task_counts, repeats, threads, rounds=2):
   for m in task_counts:
     jax_runs, torch_runs = [], []
     for _ in range(rounds):
-      jax_runs.append(jax_full_steps(m, repeats))
+      times, memory = jax_full_steps(m, repeats)
+      jax_runs.append(times)
       torch_runs.append(torch_full_steps(m, repeats, threads))
     med = lambda runs, k: statistics.median(r[k] for r in runs if k in r)
-    row = {"m": m}
+    row = {"m": m, **memory}
     for k in jax_runs[0]:
       row[f"jax_{k}_ms"] = 1e3 * med(jax_runs, k)
     if "error" in torch_runs[0]:
@@ -283,6 +320,14 @@ def bench_full(task_counts, repeats, threads, rounds=2):
       loop = row.get(f"torch_loop_{name}_ms")
       if loop and f"jax_{name}_ms" in row:
         row[f"{name}_vs_autograd_loop"] = row[f"jax_{name}_ms"] / loop
+      factored = row.get(f"jax_{name}_factored_ms")
+      if factored and tj:
+        row[f"{name}_factored_vs_torchjd"] = factored / tj
+      if factored:
+        row[f"{name}_factored_vs_jacrev"] = factored / row[f"jax_{name}_ms"]
+      autogram = row.get(f"torch_autogram_{name}_ms")
+      if factored and autogram:
+        row[f"{name}_factored_vs_torchjd_autogram"] = factored / autogram
     if "torch_plain_sum_ms" in row:
       row["plain_vs_torch"] = row["jax_plain_sum_ms"] / row["torch_plain_sum_ms"]
     for name in FULL_METHODS:
@@ -292,6 +337,9 @@ def bench_full(task_counts, repeats, threads, rounds=2):
         # task gradients' share.
         row[f"{name}_update_share"] = row[f"jax_{name}_update_only_ms"] / row[f"jax_{name}_ms"]
         row[f"{name}_aggregation_share"] = 1 - row["jax_task_grads_only_ms"] / row[f"jax_{name}_ms"]
+      if f"jax_{name}_factored_update_only_ms" in row:
+        row[f"{name}_factored_update_share"] = (row[f"jax_{name}_factored_update_only_ms"]
+                                                / row[f"jax_{name}_factored_ms"])
     rows.append(row)
     print(f"full step m={m}: " + ", ".join(
         f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)
@@ -329,7 +377,8 @@ def main(argv=None):
     for key, value in previous.items():
       if key != "meta" and key not in result:
         result[key] = value
-        result.setdefault("meta_of_kept_sections", {})[key] = previous.get("meta")
+        kept = previous.get("meta_of_kept_sections", {})
+        result.setdefault("meta_of_kept_sections", {})[key] = kept.get(key, previous.get("meta"))
   out.write_text(json.dumps(result, indent=1))
   print(f"wrote {args.out}")
 

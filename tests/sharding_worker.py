@@ -239,6 +239,25 @@ def main(argv):
            shardings=all(a.sharding == b.sharding for a, b in zip(la, lb)),
            n_leaves=len(la))
 
+  # --- the factored Jacobian under a (data, model) mesh -------------------------------
+  if hasattr(mo, "factored_task_grads") and "upgrad" in names:
+    agg = mo.upgrad(task_specific=is_head, num_tasks=M)
+
+    def factored_update(p, xb, yb):
+      losses, jac = mo.factored_task_grads(loss_fn, p, xb, yb, factorize="always")
+      return agg.update(jac, agg.init(p), p, losses=losses)[0]
+
+    def stacked_update(p, xb, yb):
+      losses, grads = mo.task_grads(loss_fn, p, xb, yb)
+      return agg.update(grads, agg.init(p), p, losses=losses)[0]
+
+    one = jax.sharding.SingleDeviceSharding(devices[0])
+    want = jax.jit(stacked_update)(*jax.device_put((params0, x, y), one))
+    p_sh, b_sh = layout("dp2_mp4")
+    got = jax.jit(factored_update)(jax.device_put(params0, p_sh), jax.device_put(x, b_sh),
+                                   jax.device_put(y, b_sh))
+    emit(case="factored/dp2_mp4", ok=True, update_rel_err=rel_err(got, want))
+
   # --- semantics: DP weights come from the globally reduced gradients -----------------
   # mgda's weights on the full batch equal the data-parallel ones (checked above);
   # here: the weights of one replica's local batch are different, so equality above

@@ -128,6 +128,16 @@ def test_per_replica_perturbation_flag(results):
   assert sem["per_replica_flag_loss_grads_rel_err"] <= RTOL, sem
 
 
+def test_factored_jacobian_on_data_and_model_mesh(results):
+  """mo.factored_task_grads + UPGrad under jit on the (data=2, model=4) mesh equals the
+  stacked computation on one device."""
+  if not hasattr(mo, "factored_task_grads"):
+    pytest.skip("factored_task_grads is not in mtl_optax yet")
+  rec = results.get("factored/dp2_mp4")
+  assert rec is not None and rec["ok"], rec
+  assert rec["update_rel_err"] <= RTOL, rec
+
+
 def test_sharded_state_checkpoint_roundtrip(results):
   """A model-sharded (params, optimizer state) saved with orbax and restored into a
   template carrying the shardings comes back bitwise equal, with the same shardings."""

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_optax._src import jacobian as jacobian_lib
 from mtl_optax._src import linalg
 
 Array = jax.Array
@@ -59,7 +60,8 @@ class TaskGradients(NamedTuple):
 
   Attributes:
     shared: stacked shared leaves, each ``(m, ...)`` (flatten with
-      :func:`linalg.task_rows`).
+      :func:`linalg.task_rows`). From a :class:`FactoredJacobian` these are
+      materialised blocks, formed only if the rule reads them.
     gram: ``(m, m)`` Gram matrix of the shared rows divided by ``scale²``
       (float32 or float64).
     scale: the common power-of-two divisor of the rows (so the true Gram
@@ -230,42 +232,31 @@ def base_diagnostics(row_gram: Array, row_scales: Array) -> dict:
   }
 
 
-def _task_finite(leaves, losses, m):
-  ok = jnp.ones((m,), bool)
-  for leaf in leaves:
-    if leaf.size:
-      # x·0 is NaN exactly for non-finite x; a sum reduction compiles ~15× faster on
-      # XLA:CPU than all(isfinite(...)) over a large leaf.
-      ok = ok & jnp.isfinite(jnp.sum(leaf.reshape(m, -1) * jnp.zeros((), leaf.dtype), axis=1))
-  if losses is not None:
-    ok = ok & jnp.isfinite(losses)
-  return ok
-
-
 # Bounds on every non-zero ‖g_i‖² for the one-pass Gram path (see _gram_and_finite).
 _FAST_MIN_SQ_NORM = 2.0 ** -40
 _FAST_MAX_SQ_NORM = 2.0 ** 100
 
 
-def _gram_and_finite(shared, heads_leaves, losses, m):
+def _gram_and_finite(gram, shared_fn, heads_finite, m):
   """Per-row-scaled Gram pair and per-task finiteness, in one pass in the common case.
 
-  The plain Gram matrix G = JJᵀ of the shared leaves is computed first. When its
-  diagonal is finite and every non-zero ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every
-  task row is finite (a NaN or inf entry makes ‖g_i‖² non-finite), no product
-  or sum over- or underflows beyond round-off (underflowed products total
-  < P·2⁻¹²⁶ ≪ eps·2⁻⁴⁰), and the per-row-scaled pair follows exactly from G:
-  s_i = the power of two nearest ‖g_i‖, R = diag(1/s) G diag(1/s). Otherwise
-  (non-finite entries; gradients beyond ~1e±12 ... 1e15) the exact path runs
-  instead (``lax.cond``: one branch executes): per-task finiteness, non-finite
-  rows zeroed, rows divided by powers of two near their largest entry before
-  the products. The common case thus reads the gradients once, not four times
+  ``gram`` is the plain Gram matrix G = JJᵀ of the shared leaves and
+  ``shared_fn()`` returns those leaves (called only on the rare exact path, so a
+  factored Jacobian is not materialised otherwise). When G's diagonal is finite
+  and every non-zero ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every task row is finite (a
+  NaN or inf entry makes ‖g_i‖² non-finite), no product or sum over- or
+  underflows beyond round-off (underflowed products total < P·2⁻¹²⁶ ≪
+  eps·2⁻⁴⁰), and the per-row-scaled pair follows exactly from G: s_i = the power
+  of two nearest ‖g_i‖, R = diag(1/s) G diag(1/s). Otherwise (non-finite
+  entries; gradients beyond ~1e±12 ... 1e15) the exact path runs instead
+  (``lax.cond``: one branch executes): per-task finiteness, non-finite rows
+  zeroed, rows divided by powers of two near their largest entry before the
+  products. The common case thus reads the gradients once, not four times
   (finiteness, zeroing, row maxima, Gram).
 
-  Returns ``(row_gram, row_scales, finite)``; ``finite`` also covers the
-  task-specific leaves and the losses.
+  Returns ``(row_gram, row_scales, finite)``; ``finite`` is also and-ed with
+  ``heads_finite`` (the task-specific leaves and the losses).
   """
-  gram = linalg.gram_matrix(shared)
   diag = jnp.diagonal(gram)
   in_range = (diag == 0) | ((diag >= _FAST_MIN_SQ_NORM) & (diag <= _FAST_MAX_SQ_NORM))
   fast = jnp.all(jnp.isfinite(diag) & in_range)
@@ -276,15 +267,16 @@ def _gram_and_finite(shared, heads_leaves, losses, m):
     return gram * inv[:, None] * inv[None, :], scales.astype(gram.dtype), jnp.ones((m,), bool)
 
   def exact(_):
-    finite = _task_finite(shared, None, m)
+    shared = shared_fn()
+    finite = jacobian_lib.rows_finite(shared, m)
     clean = [jnp.where(finite.reshape((m,) + (1,) * (l.ndim - 1)), l, jnp.zeros((), l.dtype))
              for l in shared]
     scales = linalg.power_of_two_scale(linalg.rows_max_abs(clean))
     row_gram = linalg.gram_matrix(clean, scales[:, None])
-    return row_gram, scales.astype(row_gram.dtype), finite
+    return row_gram.astype(gram.dtype), scales.astype(gram.dtype), finite
 
   row_gram, row_scales, finite = jax.lax.cond(fast, one_pass, exact, None)
-  return row_gram, row_scales, finite & _task_finite(heads_leaves, losses, m)
+  return row_gram, row_scales, finite & heads_finite
 
 
 def make_aggregator(
@@ -322,7 +314,12 @@ def make_aggregator(
       counts the affected tasks.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Its ``update`` takes the
+    stacked per-task gradients (:func:`mtl_optax.task_grads`) or a
+    :class:`mtl_optax.FactoredJacobian` (:func:`mtl_optax.factored_task_grads`):
+    the Gram matrix, the combination Σ_i w_i g_i and the finiteness checks are
+    then computed from the factors, and the rows are formed only for rules
+    that return ``shared_update`` (or on the rare exact-scaling path).
   """
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}.")
@@ -334,30 +331,35 @@ def make_aggregator(
   def update_fn(updates, state, params=None, **extra):
     if not isinstance(state, AggregatorState):
       raise TypeError(f"{info.name}: state must come from this transformation's init.")
-    m = num_tasks_of(updates, info.name)
+    jac = (updates if isinstance(updates, jacobian_lib.FactoredJacobian)
+           else jacobian_lib.StackedJacobian(updates))
+    m = num_tasks_of(jac.shapes, info.name)
     if num_tasks is not None and m != num_tasks:
       raise ValueError(
           f"{info.name}: the gradients have a task axis of size {m} but the "
           f"transformation was built with num_tasks={num_tasks}.")
     losses = check_losses(extra.pop("losses", None), m, info.name, info.needs_losses)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    heads = resolve_task_specific(task_specific, updates, params)
+    leaves, treedef = jac.leaves(), jac.treedef
+    heads = resolve_task_specific(task_specific, jac.shapes, params)
     shared_idx = [i for i, h in enumerate(heads) if not h]
+    head_idx = [i for i, h in enumerate(heads) if h]
     if not shared_idx:
       raise ValueError(
           f"{info.name}: every leaf is marked task-specific; there is nothing to "
           "aggregate (check task_specific=).")
 
+    heads_finite = jac.task_finite(head_idx)
+    if losses is not None:
+      heads_finite = heads_finite & jnp.isfinite(losses)
     row_gram, row_scales, finite = _gram_and_finite(
-        [leaves[i] for i in shared_idx], [leaves[i] for i in range(len(leaves)) if heads[i]],
-        losses, m)
+        jac.gram(shared_idx), lambda: [jac.leaf(i) for i in shared_idx], heads_finite, m)
     n_bad = jnp.sum(~finite).astype(jnp.int32)
     if nonfinite == "zero_task":
       # The method runs on the finite tasks only. (With "skip" the whole step
       # is discarded, so the gradients are not copied: the rule may see
       # non-finite rows, its outputs are replaced below.)
-      leaves = [jnp.where(finite.reshape((m,) + (1,) * (l.ndim - 1)), l, jnp.zeros((), l.dtype))
-                for l in leaves]
+      jac = jac.where_finite(finite)
+      leaves = jac.leaves()
     if losses is not None:
       mean_ok = linalg.safe_div(jnp.sum(jnp.where(finite, losses, 0.0)),
                                 jnp.sum(finite).astype(losses.dtype), fill=1.0)
@@ -374,7 +376,7 @@ def make_aggregator(
     diag = base_diagnostics(row_gram, row_scales)
     if out.weights is not None:
       weights = out.weights
-      shared_out = [linalg.combine(weights, leaf) for leaf in shared]
+      shared_out = [jac.combine(weights, i) for i in shared_idx]
       diag["weights"] = weights.astype(gram.dtype)
     else:
       if out.shared_update is None:
@@ -391,7 +393,7 @@ def make_aggregator(
       new_leaves[i] = u
     for i, h in enumerate(heads):
       if h:
-        new_leaves[i] = linalg.combine(head_w, leaves[i])
+        new_leaves[i] = jac.combine(head_w, i)
     new_leaves = [jnp.where(jnp.isfinite(u), u, jnp.zeros((), u.dtype)) for u in new_leaves]
     new_inner = out.state
 

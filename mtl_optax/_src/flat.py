@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import jacobian as jacobian_lib
 from mtl_optax._src import linalg
 
 PyTree = Any
@@ -199,6 +200,9 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
           f"{name} needs the SAM gradients: call update(loss_grads, state, params, "
           "losses=losses, sam_grads=sam_grads) with the output of "
           "mo.sharpness_aware_task_grads(loss_fn, params, *batch, perturbation=...).")
+    if isinstance(updates, jacobian_lib.FactoredJacobian):
+      raise TypeError(f"{name}: flat aggregators need the stacked gradients of "
+                      "mo.sharpness_aware_task_grads, not a FactoredJacobian.")
     m = base.num_tasks_of(updates, name)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     try:
@@ -216,7 +220,9 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
       raise ValueError(f"{name}: every leaf is marked task-specific; nothing to aggregate.")
 
     # Non-finite inputs: skip the step (rows zeroed so the solvers stay finite).
-    finite = base._task_finite(leaves + list(sam_leaves), losses, m)  # pylint: disable=protected-access
+    finite = jacobian_lib.rows_finite(leaves + list(sam_leaves), m)
+    if losses is not None:
+      finite = finite & jnp.isfinite(losses)
     n_bad = jnp.sum(~finite).astype(jnp.int32)
     bad = n_bad > 0
 

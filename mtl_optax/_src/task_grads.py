@@ -21,7 +21,7 @@ PyTree = Any
 MODES = ("jacrev", "vmap")
 
 
-def _check_losses_shape(out, has_aux, where):
+def check_losses_shape(out, has_aux, where):
   losses = out[0] if has_aux else out
   shape = getattr(losses, "shape", None)
   if shape is None or len(shape) != 1:
@@ -108,7 +108,7 @@ def task_grads(
     raise ValueError(f"task_grads: mode must be one of {MODES}, got {mode!r}.")
   chunk_size = resolve_chunk_size(chunk_size, "task_grads")
   f = lambda p: loss_fn(p, *args, **kwargs)
-  m = _check_losses_shape(jax.eval_shape(f, params), has_aux, "task_grads")
+  m = check_losses_shape(jax.eval_shape(f, params), has_aux, "task_grads")
   out_dtype = jax.eval_shape(f, params)
   out_dtype = (out_dtype[0] if has_aux else out_dtype).dtype
   eye = jnp.eye(m, dtype=out_dtype)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import jax
 import optax
 
+from mtl_optax._src import factored as factored_lib
 from mtl_optax._src import task_grads as task_grads_lib
 
 PyTree = Any
@@ -50,7 +51,11 @@ def make_train_step(
     loss_fn: ``loss_fn(params, *batch) -> losses (m,)`` (or ``(losses, aux)``
       with ``has_aux``). For Flax Linen: ``lambda p, x, y: task_losses(model.apply(p, x), y)``.
     tx: the optax transformation (aggregator chained with an optimizer).
-    mode, chunk_size, has_aux: as in :func:`mtl_optax.task_grads`.
+    mode: as in :func:`mtl_optax.task_grads` ("jacrev", "vmap"), or
+      "factored": :func:`mtl_optax.factored_task_grads` (dense-layer blocks of
+      the Jacobian kept as factors; same update, fewer flops when the batch is
+      not much larger than the layer widths; not with ``perturbation``).
+    chunk_size, has_aux: as in :func:`mtl_optax.task_grads`.
     perturbation: optional ``mo.task_perturbation`` for flat aggregators.
     perturbation_groups: None (default: one perturbation from the globally
       reduced gradients) or the number of batch groups (e.g. data-parallel
@@ -66,9 +71,16 @@ def make_train_step(
     raise ValueError("make_train_step: perturbation_groups needs "
                      "perturbation=mo.task_perturbation(...).")
 
+  if mode == "factored" and perturbation is not None:
+    raise ValueError("make_train_step: mode='factored' does not combine with "
+                     "perturbation= (flat aggregators need stacked gradients).")
+
   def step(params, opt_state, *batch):
     extra = {}
-    if perturbation is None:
+    if mode == "factored":
+      out, grads = factored_lib.factored_task_grads(
+          loss_fn, params, *batch, chunk_size=chunk_size, has_aux=has_aux)
+    elif perturbation is None:
       out, grads = task_grads_lib.task_grads(
           loss_fn, params, *batch, mode=mode, chunk_size=chunk_size, has_aux=has_aux)
     else:
