@@ -258,3 +258,66 @@ def test_train_step_factored_mode():
       p, s, losses, _ = step(p, s, x, y)
     results.append((p, losses))
   chex.assert_trees_all_close(results[1], results[0], rtol=1e-4, atol=1e-6)
+
+
+# (einsum of the activation with W, activation shape, W shape): W on either side, transposed
+# contractions, several sample and free axes.
+PRODUCTS = [
+    ("bi,io->bo", (6, 4), (4, 5)),
+    ("oi,bi->bo", (6, 4), (5, 4)),        # W on the left, contracted on its last axis
+    ("bi,oi->bo", (6, 4), (5, 4)),        # x · Wᵀ
+    ("bti,ijk->btjk", (3, 2, 4), (4, 2, 3)),
+    ("btij,ijo->bto", (3, 2, 2, 3), (2, 3, 5)),   # two contracted axes
+    ("ib,io->bo", (4, 6), (4, 5)),        # sample axis after the contracted one
+]
+
+
+@pytest.mark.parametrize("spec,a_shape,w_shape", PRODUCTS, ids=[p[0] for p in PRODUCTS])
+def test_products_of_any_layout(spec, a_shape, w_shape):
+  """Rows, Gram matrix and combination equal the stacked ones for each product layout."""
+  k = jax.random.split(jax.random.PRNGKey(12), 3)
+  params = {"w": jax.random.normal(k[0], w_shape) * 0.5,
+            "v": jax.random.normal(k[1], (M,)) * 0.5}
+  x = jax.random.normal(k[2], a_shape)
+
+  def loss_fn(p, x):
+    out = jnp.tanh(jnp.einsum(spec, x, p["w"]))
+    flat = out.reshape(out.shape[0], -1)
+    return jnp.mean(flat[:, :M] ** 2, axis=0) * (1.0 + p["v"])
+
+  _, grads = mo.task_grads(loss_fn, params, x)
+  _, fj = jax.jit(lambda p: mo.factored_task_grads(loss_fn, p, x, factorize="always"))(params)
+  assert fj.is_factored(sorted(params).index("w"))
+  assert_same_jacobian(fj, grads)
+
+
+def test_vmapped_per_example_model():
+  """A per-example model under jax.vmap: its products gain sample axes, still factored."""
+  params = mlp_params(jax.random.PRNGKey(13))
+  x, y = mlp_data()
+
+  def per_example(p, xi, yi):   # xi (d_in,), yi (M, 2)
+    z = jnp.tanh(xi @ p["l1"]["w"] + p["l1"]["b"])
+    z = jax.nn.relu(z @ p["l2"]["w"] + p["l2"]["b"]) + z
+    return jnp.sum((jnp.einsum("d,mdo->mo", z, p["heads"]["w"]) - yi) ** 2, axis=1)
+
+  loss_fn = lambda p, x, y: jnp.mean(
+      jax.vmap(per_example, in_axes=(None, 0, 1))(p, x, y), axis=0)
+  _, grads = mo.task_grads(loss_fn, params, x, y)
+  _, fj = mo.factored_task_grads(loss_fn, params, x, y, factorize="always")
+  assert sum(fj.is_factored(l) for l in range(fj.num_leaves)) == 3
+  assert_same_jacobian(fj, grads)
+
+
+def test_one_jitted_layer_called_with_two_weights():
+  """The same jitted body used twice: each call's product is its own factored site."""
+  k = jax.random.split(jax.random.PRNGKey(14), 3)
+  params = {"w1": jax.random.normal(k[0], (4, 6)) * 0.5,
+            "w2": jax.random.normal(k[1], (6, M)) * 0.5}
+  x = jax.random.normal(k[2], (5, 4))
+  layer = jax.jit(lambda w, h: jnp.tanh(h @ w))
+  loss_fn = lambda p, x: jnp.mean(layer(p["w2"], layer(p["w1"], x)) ** 2, axis=0)
+  _, grads = mo.task_grads(loss_fn, params, x)
+  _, fj = mo.factored_task_grads(loss_fn, params, x, factorize="always")
+  assert fj.is_factored(0) and fj.is_factored(1)
+  assert_same_jacobian(fj, grads)
