@@ -254,6 +254,20 @@ def jax_full_steps(m, repeats):
   calls["factored_grads_only"] = (fg, (params,))
   _, factors = fg(params)
   update_fn = lambda tx: jax.jit(lambda g, s, p, l: tx.update(g, s, p, losses=l))
+  # Pieces of the update, to split the aggregation into Gram / weights + recombination / Adam.
+  w = jnp.full((m,), 1.0 / m)
+  trunk = [l for l, path in enumerate(_leaf_paths(factors.shapes)) if "trunk" in path]
+  calls["gram_only"] = (jax.jit(lambda g: mo.linalg.gram_matrix(
+      jax.tree_util.tree_leaves(g["trunk"]))), (grads,))
+  calls["combine_only"] = (jax.jit(lambda g, w: [mo.linalg.combine(w, l) for l in
+                                                 jax.tree_util.tree_leaves(g["trunk"])]),
+                           (grads, w))
+  calls["factored_gram_only"] = (jax.jit(lambda f: f.gram(trunk)), (factors,))
+  calls["factored_combine_only"] = (jax.jit(lambda f, w: [f.combine(w, l) for l in trunk]),
+                                    (factors, w))
+  adam = optax.adam(1e-3)
+  calls["adam_only"] = (jax.jit(lambda g, s, p: adam.update(g, s, p)),
+                        (params, adam.init(params), params))
 
   memory = {}
 
@@ -340,6 +354,16 @@ def bench_full(task_counts, repeats, threads, rounds=2):
       if f"jax_{name}_factored_update_only_ms" in row:
         row[f"{name}_factored_update_share"] = (row[f"jax_{name}_factored_update_only_ms"]
                                                 / row[f"jax_{name}_factored_ms"])
+      # The update split: Gram matrix | weights + recombination (+ diagnostics, checks) | Adam.
+      for engine, step_key in (("", f"jax_{name}_ms"), ("factored_", f"jax_{name}_factored_ms")):
+        upd = row.get(f"jax_{name}_{engine}update_only_ms")
+        gram = row.get(f"jax_{engine}gram_only_ms")
+        if upd and gram and "jax_adam_only_ms" in row:
+          step_ms = row[step_key]
+          row[f"{name}_{engine}gram_share"] = gram / step_ms
+          row[f"{name}_{engine}weights_recombination_share"] = (
+              upd - gram - row["jax_adam_only_ms"]) / step_ms
+          row[f"{name}_{engine}adam_share"] = row["jax_adam_only_ms"] / step_ms
     rows.append(row)
     print(f"full step m={m}: " + ", ".join(
         f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)

@@ -71,7 +71,9 @@ def _find_sites(jaxpr, num_params: int, m: int, factorize: str) -> dict:
   if factorize == "never":
     return {}
   labels = {v: i for i, v in enumerate(jaxpr.invars[:num_params])}
-  uses = {i: [] for i in range(num_params)}   # leaf -> [(path, eqn)] or "other"
+  # leaf -> its uses: (path, eqn, W's operand position) for a candidate product,
+  # None for any other use (which keeps the leaf stacked).
+  uses = {i: [] for i in range(num_params)}
 
   def walk(jx, lab, path):
     for k, eqn in enumerate(jx.eqns):
@@ -114,7 +116,8 @@ def _find_sites(jaxpr, num_params: int, m: int, factorize: str) -> dict:
     d = math.prod(w.shape[d] for d in w_free)
     # Factored Gram (A Aᵀ, then (A Aᵀ) Δ_j) vs the m weight gradients Aᵀ Δ_i.
     if factorize == "always" or n * n * k + m * n * n * d < m * n * k * d:
-      sites[path] = jacobian_lib.Site(leaf, w_side, w_contract, a_contract, w_free, a_free, tuple(w.shape))
+      sites[path] = jacobian_lib.Site(leaf, w_side, w_contract, a_contract, w_free, a_free,
+                                      tuple(w.shape))
   return sites
 
 

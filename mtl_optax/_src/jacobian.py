@@ -33,7 +33,6 @@ class Site(NamedTuple):
   w_shape: tuple
 
 
-
 class StackedJacobian:
   """The interface of :class:`FactoredJacobian` over a stacked gradient pytree."""
 
