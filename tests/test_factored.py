@@ -321,3 +321,37 @@ def test_one_jitted_layer_called_with_two_weights():
   _, fj = mo.factored_task_grads(loss_fn, params, x, factorize="always")
   assert fj.is_factored(0) and fj.is_factored(1)
   assert_same_jacobian(fj, grads)
+
+
+def test_dropout_layernorm_remat_and_scan():
+  """Random bits, normalisation, and weights used inside remat / scan (those stay stacked)."""
+  nn = pytest.importorskip("flax.linen")
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      z = nn.Dropout(0.5, deterministic=False)(nn.relu(nn.Dense(16)(x)))
+      z = nn.relu(nn.Dense(16)(nn.LayerNorm()(z)))
+      return nn.Dense(M)(z)
+
+  x = jax.random.normal(jax.random.PRNGKey(15), (8, 6))
+  key = jax.random.PRNGKey(16)
+  model = Net()
+  params = {"net": model.init(jax.random.PRNGKey(17), x),
+            "w": jax.random.normal(key, (6, 5)) * 0.5,
+            "u": jax.random.normal(key, (5, 5)) * 0.3,
+            "r": jax.random.normal(key, (5, M)) * 0.5}
+
+  def loss_fn(p, x, k):
+    out = model.apply(p["net"], x, rngs={"dropout": k})
+    h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["u"]), None), x @ p["w"], None, length=2)
+    h = jax.checkpoint(lambda h, r: jnp.tanh(h @ r))(h, p["r"])
+    return jnp.mean(out ** 2 + h ** 2, axis=0)
+
+  _, grads = mo.task_grads(loss_fn, params, x, key)
+  _, fj = mo.factored_task_grads(loss_fn, params, x, key, factorize="always")
+  kinds = jax.tree_util.tree_unflatten(fj.treedef, [fj.is_factored(l)
+                                                    for l in range(fj.num_leaves)])
+  assert kinds["w"] and not kinds["u"] and not kinds["r"]
+  assert sum(jax.tree_util.tree_leaves(kinds["net"])) == 3   # the Dense kernels
+  assert_same_jacobian(fj, grads)
