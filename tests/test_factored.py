@@ -355,3 +355,25 @@ def test_dropout_layernorm_remat_and_scan():
   assert kinds["w"] and not kinds["u"] and not kinds["r"]
   assert sum(jax.tree_util.tree_leaves(kinds["net"])) == 3   # the Dense kernels
   assert_same_jacobian(fj, grads)
+
+
+def test_bfloat16_gram_and_update_accumulate_in_float32():
+  """bfloat16 factors: the Gram matrix is float32 and matches the float32 reference."""
+  params32 = mlp_params(jax.random.PRNGKey(18), d_in=6, width=64)
+  x, y = mlp_data(batch=4)
+  params16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params32)
+  _, grads32 = mo.task_grads(mlp_loss, params32, x, y)
+  _, fj = mo.factored_task_grads(mlp_loss, params16, x.astype(jnp.bfloat16),
+                                 y.astype(jnp.bfloat16), factorize="always")
+  shared = [l for l in range(fj.num_leaves) if fj.is_factored(l) and l != 0]   # l1.w, l2.w
+  gram = fj.gram(shared)
+  assert gram.dtype == jnp.float32
+  j = np.concatenate([np.asarray(g, np.float64).reshape(M, -1)
+                      for g in (grads32["l1"]["w"], grads32["l2"]["w"])], axis=1)
+  np.testing.assert_allclose(gram, j @ j.T, rtol=5e-2, atol=5e-2 * np.max(np.abs(j @ j.T)))
+  w = jnp.array([0.5, 0.3, 0.2])
+  got = fj.combine(w, shared[-1])
+  assert got.dtype == jnp.bfloat16
+  ref = np.tensordot(np.asarray(w), np.asarray(grads32["l2"]["w"], np.float64), axes=1)
+  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=5e-2,
+                             atol=5e-2 * np.max(np.abs(ref)))

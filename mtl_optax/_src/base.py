@@ -269,8 +269,7 @@ def _gram_and_finite(gram, shared_fn, heads_finite, m):
   def exact(_):
     shared = shared_fn()
     finite = jacobian_lib.rows_finite(shared, m)
-    clean = [jnp.where(finite.reshape((m,) + (1,) * (l.ndim - 1)), l, jnp.zeros((), l.dtype))
-             for l in shared]
+    clean = [jacobian_lib.zero_rows(l, finite) for l in shared]
     scales = linalg.power_of_two_scale(linalg.rows_max_abs(clean))
     row_gram = linalg.gram_matrix(clean, scales[:, None])
     return row_gram.astype(gram.dtype), scales.astype(gram.dtype), finite

@@ -215,11 +215,11 @@ def factored_task_grads(
   out_tree = jax.tree_util.tree_structure(out_shape)
   jaxpr = closed.jaxpr
   sites = _find_sites(jaxpr, len(leaves), m, factorize)
-  by_leaf = {s.leaf: p for p, s in sites.items()}
-  rest_idx = [l for l in range(len(leaves)) if l not in by_leaf]
+  factored_leaves = {s.leaf for s in sites.values()}
+  rest_idx = [l for l in range(len(leaves)) if l not in factored_leaves]
   paths = sorted(sites)
-  perts = [jnp.zeros(_eqn_at(jaxpr, p).outvars[0].aval.shape,
-                     _eqn_at(jaxpr, p).outvars[0].aval.dtype) for p in paths]
+  out_avals = [_eqn_at(jaxpr, p).outvars[0].aval for p in paths]
+  perts = [jnp.zeros(aval.shape, aval.dtype) for aval in out_avals]
 
   def perturbed(pert_list, rest):
     full = list(leaves)

@@ -226,12 +226,9 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
     n_bad = jnp.sum(~finite).astype(jnp.int32)
     bad = n_bad > 0
 
-    def clean(leaf):
-      return jnp.where(finite.reshape((m,) + (1,) * (leaf.ndim - 1)), leaf,
-                       jnp.zeros((), leaf.dtype))
-
-    leaves = [clean(l) for l in leaves]
-    sam_leaves = [clean(jnp.asarray(s, l.dtype)) for s, l in zip(sam_leaves, leaves)]
+    leaves = [jacobian_lib.zero_rows(l, finite) for l in leaves]
+    sam_leaves = [jacobian_lib.zero_rows(jnp.asarray(s, l.dtype), finite)
+                  for s, l in zip(sam_leaves, leaves)]
     if losses is not None:
       losses = jnp.where(finite, losses, jnp.ones((), losses.dtype))
     kwargs = dict(extra)

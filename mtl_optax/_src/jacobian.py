@@ -58,7 +58,7 @@ class StackedJacobian:
 
   def where_finite(self, finite: Array) -> "StackedJacobian":
     return StackedJacobian(jax.tree_util.tree_unflatten(
-        self.treedef, [_zero_rows(x, finite) for x in self.stacked]))
+        self.treedef, [zero_rows(x, finite) for x in self.stacked]))
 
 
 def rows_finite(arrays, m: int) -> Array:
@@ -72,7 +72,8 @@ def rows_finite(arrays, m: int) -> Array:
   return ok
 
 
-def _zero_rows(x, finite):
+def zero_rows(x, finite: Array):
+  """``x`` (task axis first) with the rows of non-finite tasks set to 0 (None stays None)."""
   if x is None:
     return None
   return jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
@@ -164,9 +165,14 @@ class FactoredJacobian:
     for l in indices:
       if self.sites[l] is None:
         continue
-      m = self.deltas[l].shape[0]
-      # ⟨Δ_i, (A Aᵀ) Δ_j⟩: one (m × N·D)·(N·D × m) product, both stacks task-major.
-      block = self.deltas[l].reshape(m, -1) @ self.mixed[l].reshape(m, -1).T
+      delta = self.deltas[l]
+      m = delta.shape[0]
+      # ⟨Δ_i, (A Aᵀ) Δ_j⟩: one (m × N·D)·(N·D × m) product, both stacks task-major,
+      # accumulated like linalg.gram_matrix (float32 or better, also for bfloat16).
+      block = jax.lax.dot_general(
+          delta.reshape(m, -1), self.mixed[l].reshape(m, -1), (((1,), (1,)), ((), ())),
+          precision=jax.lax.Precision.HIGHEST,
+          preferred_element_type=linalg.accumulation_dtype(delta.dtype))
       block = 0.5 * (block + block.T)
       g = block if g is None else g + block.astype(g.dtype)
     return g
@@ -176,8 +182,12 @@ class FactoredJacobian:
     if self.sites[l] is None:
       return linalg.combine(weights, self.stacked[l])
     a, delta = self.acts[l], self.deltas[l]
-    mixed = jnp.tensordot(weights.astype(delta.dtype), delta, axes=1)   # (N, D)
-    return self._to_param_layout(l, a.T @ mixed)
+    acc = linalg.accumulation_dtype(delta.dtype)
+    mixed = jax.lax.dot_general(weights.astype(acc), delta, (((0,), (0,)), ((), ())),
+                                preferred_element_type=acc)                 # (N, D)
+    out = jax.lax.dot_general(a, mixed.astype(a.dtype), (((0,), (0,)), ((), ())),
+                              preferred_element_type=acc)                   # Aᵀ (Σ w Δ)
+    return self._to_param_layout(l, out.astype(delta.dtype))
 
   def task_finite(self, indices) -> Array:
     """Per task: are all of its gradient entries in ``indices`` finite?
@@ -198,6 +208,6 @@ class FactoredJacobian:
     acts = [None if a is None else jnp.where(jnp.isfinite(a), a, jnp.zeros((), a.dtype))
             for a in self.acts]
     return FactoredJacobian(self.treedef, self.sites,
-                            [_zero_rows(s, finite) for s in self.stacked], acts,
-                            [_zero_rows(d, finite) for d in self.deltas],
-                            [_zero_rows(k, finite) for k in self.mixed])
+                            [zero_rows(s, finite) for s in self.stacked], acts,
+                            [zero_rows(d, finite) for d in self.deltas],
+                            [zero_rows(k, finite) for k in self.mixed])
