@@ -303,6 +303,69 @@ def main(argv):
          per_replica_flag_rel_err=rel_err(grouped[2], local_mean),
          per_replica_flag_loss_grads_rel_err=rel_err(grouped[1], ref[1]),
          sam_replicated=all(a.sharding.is_fully_replicated for a in jax.tree_util.tree_leaves(dp[2])))
+  # --- models with state: BatchNorm statistics and dropout under data parallelism ----
+  # The statistics of a batch-sharded step are those of the whole batch (XLA reduces
+  # the batch moments across replicas), i.e. the one-device statistics.
+  try:
+    from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    nn = None
+  if nn is not None:
+
+    class BNNet(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        # No bias before BatchNorm (it cancels: its gradient is round-off).
+        h = nn.Dense(HIDDEN, use_bias=False, name="trunk")(x)
+        h = nn.BatchNorm(use_running_average=False, momentum=0.5, name="bn")(h)
+        h = nn.Dropout(0.2, deterministic=False)(nn.relu(h))
+        return nn.Dense(M, name="heads")(h)
+
+    bn_net = BNNet()
+    variables = bn_net.init(jax.random.PRNGKey(2), x)
+    bn_params0 = variables["params"]
+    bn_state0 = {"batch_stats": variables["batch_stats"], "key": jax.random.PRNGKey(3)}
+
+    def bn_loss_fn(p, st, xb, yb):
+      key, dropout_key = jax.random.split(st["key"])
+      out, upd = bn_net.apply({"params": p, "batch_stats": st["batch_stats"]}, xb,
+                              mutable=["batch_stats"], rngs={"dropout": dropout_key})
+      return (jnp.mean((out - yb) ** 2, axis=0),
+              {"batch_stats": upd["batch_stats"], "key": key})
+
+    for name in [n for n in ("mean", "mgda", "flat_cagrad") if n in names]:
+      agg, perturb = build(mo, name)
+      tx = optax.chain(agg, optax.sgd(0.1))
+      step = mo.make_train_step(bn_loss_fn, tx, has_state=True, perturbation=perturb)
+
+      def run_state(p_sh, b_sh, step=step, tx=tx):
+        p = jax.device_put(bn_params0, p_sh)
+        st = jax.device_put(bn_state0, p_sh)
+        opt = jax.jit(tx.init)(p)
+        xb, yb = jax.device_put(x, b_sh), jax.device_put(y, b_sh)
+        for _ in range(STEPS + 1):
+          p, opt, st, losses, _ = step(p, opt, st, xb, yb)
+        return p, st, losses
+
+      try:
+        one = jax.sharding.SingleDeviceSharding(devices[0])
+        ref_p, ref_st, ref_l = run_state(one, one)
+        mesh = meshes["dp8"]
+        dp_p, dp_st, dp_l = run_state(mo.distributed.replicated(mesh),
+                                      mo.distributed.batch_sharding(mesh, "data"))
+        # What per-replica statistics (one replica's local batch) would have given.
+        local = bn_loss_fn(bn_params0, bn_state0, x[:BATCH // NUM_DEVICES],
+                           y[:BATCH // NUM_DEVICES])[1]["batch_stats"]
+        first = bn_loss_fn(bn_params0, bn_state0, x, y)[1]["batch_stats"]
+        emit(case=f"state/{name}/dp8", ok=True,
+             stats_rel_err=rel_err(dp_st["batch_stats"], ref_st["batch_stats"]),
+             params_rel_err=rel_err(dp_p, ref_p), losses_rel_err=rel_err(dp_l, ref_l),
+             key_equal=bool(np.array_equal(np.asarray(dp_st["key"]), np.asarray(ref_st["key"]))),
+             stats_replicated=all(a.sharding.is_fully_replicated
+                                  for a in jax.tree_util.tree_leaves(dp_st["batch_stats"])),
+             local_stats_rel_diff=rel_err(local, first))
+      except Exception as e:  # pylint: disable=broad-except
+        emit(case=f"state/{name}/dp8", ok=False, error=f"{type(e).__name__}: {e}"[:2000])
   emit(case="done", ok=True, names=names)
 
 

@@ -128,6 +128,17 @@ def test_per_replica_perturbation_flag(results):
   assert sem["per_replica_flag_loss_grads_rel_err"] <= RTOL, sem
 
 
+@pytest.mark.parametrize("name", ["mean", "mgda", "flat_cagrad"])
+def test_data_parallel_model_state_equals_one_device(results, name):
+  """BatchNorm statistics (and dropout) of a batch-sharded step: the one-device ones."""
+  rec = results.get(f"state/{name}/dp8")
+  assert rec is not None and rec["ok"], rec
+  assert rec["stats_rel_err"] < RTOL and rec["params_rel_err"] < RTOL, rec
+  assert rec["losses_rel_err"] < RTOL and rec["key_equal"] and rec["stats_replicated"], rec
+  # Not vacuous: one replica's local batch would give other statistics.
+  assert rec["local_stats_rel_diff"] > 1e-2, rec
+
+
 def test_factored_jacobian_on_data_and_model_mesh(results):
   """mo.factored_task_grads + UPGrad under jit on the (data=2, model=4) mesh equals the
   stacked computation on one device."""

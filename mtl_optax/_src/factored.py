@@ -161,6 +161,7 @@ def factored_task_grads(
     *args,
     chunk_size: task_grads_lib.ChunkSize = "auto",
     has_aux: bool = False,
+    has_state: bool = False,
     factorize: str = "auto",
     **kwargs,
 ):
@@ -191,6 +192,9 @@ def factored_task_grads(
     *args: positional arguments of ``loss_fn``.
     chunk_size: as in :func:`mtl_optax.task_grads` (default "auto").
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    has_state: ``args[0]`` is a model state (BatchNorm statistics, dropout
+      keys) that ``loss_fn`` returns updated, as in :func:`mtl_optax.task_grads`
+      (one forward pass: the new state is that of θ on the whole batch).
     factorize: which eligible products to factor: "auto" (default: those for
       which N²K + m·N²D < m·N·K·D, i.e. the factored Gram is cheaper than the
       m weight gradients), "always" (all of them: least memory) or "never"
@@ -198,7 +202,9 @@ def factored_task_grads(
     **kwargs: keyword arguments of ``loss_fn``.
 
   Returns:
-    ``(losses, jacobian)`` or ``((losses, aux), jacobian)`` with ``has_aux``.
+    ``(losses, jacobian)`` or ``((losses, aux), jacobian)`` with ``has_aux``
+    (``aux`` is the new model state with ``has_state``, or
+    ``(new_model_state, aux)`` with both).
 
   References:
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024
@@ -207,11 +213,15 @@ def factored_task_grads(
   if factorize not in FACTORIZE:
     raise ValueError(f"factored_task_grads: factorize must be one of {FACTORIZE}, "
                      f"got {factorize!r}.")
-  chunk = task_grads_lib.resolve_chunk_size(chunk_size, "factored_task_grads")
+  where = "factored_task_grads"
+  chunk = task_grads_lib.resolve_chunk_size(chunk_size, where)
+  task_grads_lib.check_state_args(args, has_state, where)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   flat_fn = lambda *ls: loss_fn(jax.tree_util.tree_unflatten(treedef, ls), *args, **kwargs)
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
-  m = task_grads_lib.check_losses_shape(out_shape, has_aux, "factored_task_grads")
+  task_grads_lib.check_state_output(out_shape, has_aux, has_state, where)
+  has_aux = task_grads_lib.outputs_aux(has_aux, has_state)
+  m = task_grads_lib.check_losses_shape(out_shape, has_aux, where)
   out_tree = jax.tree_util.tree_structure(out_shape)
   jaxpr = closed.jaxpr
   sites = _find_sites(jaxpr, len(leaves), m, factorize)

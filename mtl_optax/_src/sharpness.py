@@ -240,6 +240,7 @@ def perturbed_task_grads(
     offsets: PyTree,
     *args,
     has_aux: bool = False,
+    has_state: bool = False,
     chunk_size: task_grads_lib.ChunkSize = "auto",
     task_loss_fn: Optional[Callable[..., Any]] = None,
     **kwargs,
@@ -249,15 +250,18 @@ def perturbed_task_grads(
   All tasks are differentiated in one ``jax.vmap`` over the task axis of
   ``offsets`` (or ``jax.lax.map`` in chunks of ``chunk_size`` tasks); task i
   differentiates only its own loss. See :func:`sharpness_aware_task_grads` for
-  ``loss_fn`` / ``task_loss_fn`` and the cost.
+  ``loss_fn`` / ``task_loss_fn``, the model state and the cost. The aux and
+  the new model state of the perturbed passes are discarded.
 
   Returns:
     ``(perturbed_losses, grads)``: ``(m,)`` and the stacked gradients (the
     structure of ``params`` with a leading task axis).
   """
   chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "perturbed_task_grads")
+  task_grads_lib.check_state_args(args, has_state, "perturbed_task_grads")
   m = base.num_tasks_of(offsets, "perturbed_task_grads")
-  f = _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs)
+  f = _single_task_loss(loss_fn, task_loss_fn, task_grads_lib.outputs_aux(has_aux, has_state),
+                        args, kwargs)
 
   def one(i, eps_i):
     point = jax.tree_util.tree_map(lambda p, e: p + e.astype(jnp.result_type(p)), params, eps_i)
@@ -272,6 +276,7 @@ def sharpness_aware_task_grads(
     *args,
     perturbation: optax.GradientTransformation,
     has_aux: bool = False,
+    has_state: bool = False,
     chunk_size: task_grads_lib.ChunkSize = "auto",
     mode: str = "jacrev",
     task_loss_fn: Optional[Callable[..., Any]] = None,
@@ -309,10 +314,18 @@ def sharpness_aware_task_grads(
   (``benchmarks/flat_speed.py``). Hence the default ``chunk_size="auto"``:
   1 on CPU, None (one vmapped call) on GPU/TPU.
 
-  State (BatchNorm statistics, ``has_aux``). The returned ``aux`` comes from
-  the unperturbed pass only; the perturbed passes discard theirs, as
-  google-research/sam and the FS-MTL code (``disable_running_stats`` during
-  the second pass) do: statistics must not be updated at perturbed weights.
+  Model state (``has_state``: BatchNorm statistics, dropout keys; see
+  :func:`mtl_optax.task_grads`). ``loss_fn(params, model_state, *batch)``
+  returns ``(losses, new_model_state)``. The new state comes from the
+  unperturbed pass at θ only. Every perturbed pass at θ + ε_i starts from the
+  same input state and its new state is discarded, as google-research/sam and
+  the FS-MTL code (``disable_running_stats`` during the second pass) do:
+  running statistics are never updated at perturbed weights, while a
+  normalisation layer in training mode still normalises with the statistics
+  of the batch at θ + ε_i. A dropout key in the state gives the perturbed
+  passes the masks of the unperturbed pass (the same sub-network is
+  perturbed and evaluated). ``aux`` (``has_aux``) likewise comes from the
+  unperturbed pass.
 
   If ``perturbation`` is a :func:`task_perturbation` with ρ_sh = ρ_ns = 0 the
   SAM gradients ARE the loss gradients (returned as such, with no extra pass),
@@ -335,8 +348,14 @@ def sharpness_aware_task_grads(
   only, and the averages over groups are the step's collectives.
   The returned losses and loss gradients are the group means, which equal
   the whole-batch ones when every loss is a mean over the batch. ``kwargs``
-  are passed to every group unchanged; ``aux`` (``has_aux``) gets a leading
-  group axis of size k.
+  and the model state are passed to every group unchanged (never split);
+  ``aux`` (``has_aux``) gets a leading group axis of size k. With
+  ``has_state`` each group's forward pass normalises with its own batch
+  statistics (per-replica BatchNorm) and the new state is the mean of the
+  groups' new states, as google-research/sam averages the replicas' BatchNorm
+  statistics (for a running mean this equals the whole-batch update). A state
+  with non-floating leaves (dropout keys, RNG counters) is refused with groups:
+  every group would draw the same masks.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs) -> losses`` of shape (m,)
@@ -346,6 +365,7 @@ def sharpness_aware_task_grads(
     perturbation: the (stateless) transformation giving the offsets, usually
       :func:`task_perturbation`.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    has_state: whether ``args[0]`` is a model state (see above; default False).
     chunk_size: at most this many tasks at once, in both the loss-gradient
       (``task_grads``) and the SAM-gradient passes; None = all at once;
       "auto" (default) = 1 on CPU, None elsewhere.
@@ -358,7 +378,9 @@ def sharpness_aware_task_grads(
 
   Returns:
     ``(losses, loss_grads, sam_grads)`` — or ``((losses, aux), loss_grads,
-    sam_grads)`` with ``has_aux`` — the gradients stacked over tasks.
+    sam_grads)`` with ``has_aux``, ``((losses, new_model_state), ...)`` with
+    ``has_state`` and ``((losses, (new_model_state, aux)), ...)`` with both —
+    the gradients stacked over tasks.
 
   Reference:
     Phan et al., "Beyond Losses Reweighting: Empowering Multi-Task Learning via
@@ -370,25 +392,38 @@ def sharpness_aware_task_grads(
   if perturbation_groups is not None:
     return _grouped_sharpness_aware_task_grads(
         loss_fn, params, args, kwargs, perturbation=perturbation, has_aux=has_aux,
-        chunk_size=chunk_size, mode=mode, task_loss_fn=task_loss_fn, groups=perturbation_groups)
+        has_state=has_state, chunk_size=chunk_size, mode=mode, task_loss_fn=task_loss_fn,
+        groups=perturbation_groups)
   out, loss_grads = task_grads_lib.task_grads(
-      loss_fn, params, *args, mode=mode, chunk_size=chunk_size, has_aux=has_aux, **kwargs)
+      loss_fn, params, *args, mode=mode, chunk_size=chunk_size, has_aux=has_aux,
+      has_state=has_state, **kwargs)
   info = perturbation_info(perturbation)
   if info is not None and info.is_zero:
     return out, loss_grads, loss_grads
   offsets, _ = perturbation.update(loss_grads, perturbation.init(params), params)
   _, sam_grads = perturbed_task_grads(loss_fn, params, offsets, *args, has_aux=has_aux,
-                                      chunk_size=chunk_size, task_loss_fn=task_loss_fn, **kwargs)
+                                      has_state=has_state, chunk_size=chunk_size,
+                                      task_loss_fn=task_loss_fn, **kwargs)
   return out, loss_grads, sam_grads
 
 
 def _grouped_sharpness_aware_task_grads(loss_fn, params, args, kwargs, *, groups, has_aux,
-                                        **options):
+                                        has_state, **options):
   """``sharpness_aware_task_grads`` with one perturbation per batch group, averaged."""
   where = "sharpness_aware_task_grads"
   if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
     raise ValueError(f"{where}: perturbation_groups must be a positive int or None, "
                      f"got {groups!r}.")
+  task_grads_lib.check_state_args(args, has_state, where)
+  model_state, args = (args[0], args[1:]) if has_state else (None, args)
+  if has_state:
+    for leaf in jax.tree_util.tree_leaves(model_state):
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise ValueError(
+            f"{where}: perturbation_groups runs one forward pass per batch group, and the "
+            f"model state has a non-floating leaf ({jnp.result_type(leaf)}: a dropout key or "
+            "RNG counter) that every group would use alike (the same dropout masks in every "
+            "group). Use perturbation_groups=None, or a model without random layers.")
   leaves, treedef = jax.tree_util.tree_flatten(args)
   if not leaves:
     raise ValueError(f"{where}: perturbation_groups splits the batch (axis 0 of the "
@@ -403,13 +438,25 @@ def _grouped_sharpness_aware_task_grads(loss_fn, params, args, kwargs, *, groups
     split.append(jnp.reshape(leaf, (groups, shape[0] // groups) + tuple(shape[1:])))
   grouped_args = jax.tree_util.tree_unflatten(treedef, split)
 
+  state_args = (model_state,) if has_state else ()
+
   def one_group(group_args):
-    return sharpness_aware_task_grads(loss_fn, params, *group_args, has_aux=has_aux,
-                                      **options, **kwargs)
+    return sharpness_aware_task_grads(loss_fn, params, *state_args, *group_args,
+                                      has_aux=has_aux, has_state=has_state, **options, **kwargs)
 
   out, loss_grads, sam_grads = jax.vmap(one_group)(grouped_args)
   mean = lambda t: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), t)
-  out = (mean(out[0]), out[1]) if has_aux else mean(out)
+  if has_state:
+    # The groups' new states are averaged (per-replica statistics, synchronised); the
+    # user's aux keeps its group axis.
+    new_state, aux = out[1] if has_aux else (out[1], None)
+    new_state = jax.tree_util.tree_map(
+        lambda x, old: jnp.mean(x, axis=0).astype(jnp.result_type(old)), new_state, model_state)
+    out = (mean(out[0]), (new_state, aux) if has_aux else new_state)
+  elif has_aux:
+    out = (mean(out[0]), out[1])
+  else:
+    out = mean(out)
   return out, mean(loss_grads), mean(sam_grads)
 
 
@@ -424,6 +471,7 @@ def sharpness(
     task_specific=None,
     norm: str = "separate",
     has_aux: bool = False,
+    has_state: bool = False,
     mode: str = "jacrev",
     chunk_size: task_grads_lib.ChunkSize = "auto",
     task_loss_fn: Optional[Callable[..., Any]] = None,
@@ -457,9 +505,9 @@ def sharpness(
   call over tasks, or chunks of ``chunk_size``; radii in sequence).
 
   Args:
-    loss_fn, params, *args, has_aux, mode, chunk_size, task_loss_fn, **kwargs:
+    loss_fn, params, *args, has_aux, has_state, mode, chunk_size, task_loss_fn, **kwargs:
       as for :func:`sharpness_aware_task_grads` (``loss_fn(params, *args) ->
-      losses (m,)``).
+      losses (m,)``; the model state of every pass is discarded).
     rhos: several radii (finite, non-negative), or None.
     rho_shared: the shared radius ρ_sh of a single perturbation, or None.
     rho_task: the task-specific radius ρ_ns (default None: ρ_sh).
@@ -500,7 +548,9 @@ def sharpness(
     pert = task_perturbation(1.0, 1.0, adaptive=adaptive, task_specific=task_specific, eps=eps,
                              norm=norm)
   out, grads = task_grads_lib.task_grads(loss_fn, params, *args, mode=mode,
-                                         chunk_size=chunk_size, has_aux=has_aux, **kwargs)
+                                         chunk_size=chunk_size, has_aux=has_aux,
+                                         has_state=has_state, **kwargs)
+  has_aux = task_grads_lib.outputs_aux(has_aux, has_state)
   losses = out[0] if has_aux else out
   directions, _ = pert.update(grads, pert.init(params), params)
   m = losses.shape[0]

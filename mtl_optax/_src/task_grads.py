@@ -21,6 +21,32 @@ PyTree = Any
 MODES = ("jacrev", "vmap")
 
 
+def outputs_aux(has_aux: bool, has_state: bool) -> bool:
+  """Whether ``loss_fn`` returns ``(losses, extra)``: with user aux or a new model state."""
+  return has_aux or has_state
+
+
+def check_state_output(out, has_aux: bool, has_state: bool, where: str):
+  """Trace-time check of the ``(losses, new_model_state[, aux])`` output of a stateful loss."""
+  if not has_state:
+    return
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    raise ValueError(
+        f"{where}: with has_state=True, loss_fn(params, model_state, *batch) must return "
+        "(losses, new_model_state)" + (" with has_aux: (losses, (new_model_state, aux))"
+                                       if has_aux else "") + f"; got {type(out).__name__}.")
+  if has_aux and not (isinstance(out[1], (tuple, list)) and len(out[1]) == 2):
+    raise ValueError(
+        f"{where}: with has_state=True and has_aux=True, loss_fn must return "
+        "(losses, (new_model_state, aux)).")
+
+
+def check_state_args(args, has_state: bool, where: str):
+  if has_state and not args:
+    raise ValueError(f"{where}: has_state=True needs the model state as the first argument "
+                     "after params: (loss_fn, params, model_state, *batch).")
+
+
 def check_losses_shape(out, has_aux, where):
   losses = out[0] if has_aux else out
   shape = getattr(losses, "shape", None)
@@ -75,17 +101,44 @@ def task_grads(
     mode: str = "jacrev",
     chunk_size: ChunkSize = "auto",
     has_aux: bool = False,
+    has_state: bool = False,
     **kwargs,
 ):
   """Losses and stacked per-task gradients of a vector-valued loss function.
 
   ``grads[leaf][i] = ∂ losses[i] / ∂ leaf``.
 
+  Model state (BatchNorm statistics, dropout keys, any Flax collection
+  that is not ``params``). With ``has_state=True`` the first positional
+  argument after ``params`` is the model state, passed to ``loss_fn`` unchanged
+  and never differentiated, and ``loss_fn(params, model_state, *args)`` returns
+  ``(losses, new_model_state)`` — ``(losses, (new_model_state, aux))`` with
+  ``has_aux`` as well — the way Flax training steps return the collections of
+  ``model.apply(..., mutable=["batch_stats"])``. The new state comes from the
+  single forward pass at θ on the whole batch, so statistics advance once per
+  step however many tasks there are, and a dropout mask drawn from a key in the
+  state is shared by every task's gradient. In mode "vmap" every task runs its own forward pass with the same state
+  (same batch statistics, same dropout key, hence the same masks) and the new
+  state of the first is returned. For example, a Linen model with BatchNorm
+  and dropout::
+
+    def loss_fn(params, state, images, labels):
+      key, dropout_key = jax.random.split(state["key"])
+      (logits_a, logits_b), updates = model.apply(
+          {"params": params, "batch_stats": state["batch_stats"]}, images, train=True,
+          mutable=["batch_stats"], rngs={"dropout": dropout_key})
+      losses = jnp.stack([ce(logits_a, labels[:, 0]), ce(logits_b, labels[:, 1])])
+      return losses, {"batch_stats": updates["batch_stats"], "key": key}
+
+    (losses, new_state), grads = mo.task_grads(loss_fn, params, state, images, labels,
+                                               has_state=True)
+
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs) -> losses`` of shape (m,), or
-      ``(losses, aux)`` when ``has_aux``.
+      ``(losses, aux)`` when ``has_aux`` (with ``has_state``: see above).
     params: parameter pytree.
-    *args: positional arguments passed to ``loss_fn`` (the batch, ...).
+    *args: positional arguments passed to ``loss_fn`` (the model state with
+      ``has_state``, then the batch, ...).
     mode: "jacrev" (default): one forward pass, then m vector-Jacobian products
       of the same linearisation, vmapped (the cost of 1 forward + m backward).
       "vmap": ``jax.vmap(jax.grad)`` over one-hot task weightings; every task
@@ -97,20 +150,26 @@ def task_grads(
       (default) is 1 on CPU and None on GPU/TPU (:func:`resolve_chunk_size`:
       sequential passes are faster on XLA:CPU). Same mathematics either way.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    has_state: whether ``args[0]`` is a model state that ``loss_fn`` updates
+      (see above; default False).
     **kwargs: keyword arguments passed to ``loss_fn``.
 
   Returns:
-    ``(losses, grads)``, or ``((losses, aux), grads)`` when ``has_aux``.
-    ``grads`` has the structure of ``params`` with a leading task axis on every
-    leaf.
+    ``(losses, grads)``, or ``((losses, aux), grads)`` when ``has_aux``, or
+    ``((losses, new_model_state), grads)`` with ``has_state`` (and
+    ``((losses, (new_model_state, aux)), grads)`` with both). ``grads`` has the
+    structure of ``params`` with a leading task axis on every leaf.
   """
   if mode not in MODES:
     raise ValueError(f"task_grads: mode must be one of {MODES}, got {mode!r}.")
   chunk_size = resolve_chunk_size(chunk_size, "task_grads")
+  check_state_args(args, has_state, "task_grads")
   f = lambda p: loss_fn(p, *args, **kwargs)
-  m = check_losses_shape(jax.eval_shape(f, params), has_aux, "task_grads")
-  out_dtype = jax.eval_shape(f, params)
-  out_dtype = (out_dtype[0] if has_aux else out_dtype).dtype
+  shapes = jax.eval_shape(f, params)
+  check_state_output(shapes, has_aux, has_state, "task_grads")
+  has_aux = outputs_aux(has_aux, has_state)
+  m = check_losses_shape(shapes, has_aux, "task_grads")
+  out_dtype = (shapes[0] if has_aux else shapes).dtype
   eye = jnp.eye(m, dtype=out_dtype)
 
   if mode == "jacrev":

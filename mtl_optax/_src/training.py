@@ -7,6 +7,7 @@ module. Flax is imported lazily: it is an optional dependency.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import jax
@@ -31,6 +32,7 @@ def make_train_step(
     mode: str = "jacrev",
     chunk_size: task_grads_lib.ChunkSize = "auto",
     has_aux: bool = False,
+    has_state: bool = False,
     perturbation: Optional[optax.GradientTransformation] = None,
     perturbation_groups: Optional[int] = None,
     jit: bool = True,
@@ -47,6 +49,19 @@ def make_train_step(
   SAM gradients with :func:`mtl_optax.sharpness_aware_task_grads` and passes
   them as ``sam_grads=``.
 
+  Models with state (BatchNorm, dropout): with ``has_state=True`` the step is
+  ``step(params, opt_state, model_state, *batch) -> (params, opt_state,
+  model_state, losses, aux)`` and ``loss_fn(params, model_state, *batch)``
+  returns ``(losses, new_model_state)`` (``(losses, (new_model_state, aux))``
+  with ``has_aux``), as a Flax Linen step returns the collections of
+  ``model.apply(..., mutable=["batch_stats"])``. ``model_state`` is any pytree
+  that is not optimised (``{"batch_stats": ..., "key": ...}``); the new state
+  is that of the one forward pass at θ on the whole batch (statistics advance
+  once per step, not once per task; every task's gradient sees the same
+  dropout mask; the SAM passes leave the state alone), see
+  :func:`mtl_optax.task_grads` and :func:`mtl_optax.sharpness_aware_task_grads`.
+  Evaluate with the returned state (``use_running_average=True``).
+
   Args:
     loss_fn: ``loss_fn(params, *batch) -> losses (m,)`` (or ``(losses, aux)``
       with ``has_aux``). For Flax Linen: ``lambda p, x, y: task_losses(model.apply(p, x), y)``.
@@ -56,6 +71,7 @@ def make_train_step(
       the Jacobian kept as factors; same update, fewer flops when the batch is
       not much larger than the layer widths; not with ``perturbation``).
     chunk_size, has_aux: as in :func:`mtl_optax.task_grads`.
+    has_state: the step carries a model state (see above; default False).
     perturbation: optional ``mo.task_perturbation`` for flat aggregators.
     perturbation_groups: None (default: one perturbation from the globally
       reduced gradients) or the number of batch groups (e.g. data-parallel
@@ -66,6 +82,7 @@ def make_train_step(
   Returns:
     The step function; ``aux`` is None without ``has_aux``.
   """
+  options = dict(chunk_size=chunk_size, has_aux=has_aux, has_state=has_state)
 
   if perturbation_groups is not None and perturbation is None:
     raise ValueError("make_train_step: perturbation_groups needs "
@@ -77,20 +94,25 @@ def make_train_step(
 
   def step(params, opt_state, *batch):
     extra = {}
+    if has_state and not batch:
+      raise ValueError("make_train_step(has_state=True): call step(params, opt_state, "
+                       "model_state, *batch).")
     if mode == "factored":
-      out, grads = factored_lib.factored_task_grads(
-          loss_fn, params, *batch, chunk_size=chunk_size, has_aux=has_aux)
+      out, grads = factored_lib.factored_task_grads(loss_fn, params, *batch, **options)
     elif perturbation is None:
-      out, grads = task_grads_lib.task_grads(
-          loss_fn, params, *batch, mode=mode, chunk_size=chunk_size, has_aux=has_aux)
+      out, grads = task_grads_lib.task_grads(loss_fn, params, *batch, mode=mode, **options)
     else:
       out, grads, sam_grads = _sharpness().sharpness_aware_task_grads(
           loss_fn, params, *batch, perturbation=perturbation, mode=mode,
-          chunk_size=chunk_size, has_aux=has_aux, perturbation_groups=perturbation_groups)
+          perturbation_groups=perturbation_groups, **options)
       extra["sam_grads"] = sam_grads
-    losses, aux = out if has_aux else (out, None)
+    losses, aux = out if task_grads_lib.outputs_aux(has_aux, has_state) else (out, None)
     updates, opt_state = tx.update(grads, opt_state, params, losses=losses, **extra)
-    return optax.apply_updates(params, updates), opt_state, losses, aux
+    params = optax.apply_updates(params, updates)
+    if has_state:
+      new_state, aux = aux if has_aux else (aux, None)
+      return params, opt_state, new_state, losses, aux
+    return params, opt_state, losses, aux
 
   return jax.jit(step) if jit else step
 
@@ -103,30 +125,60 @@ def make_nnx_train_step(
   """Builds ``step(model, opt_state, *batch) -> (opt_state, losses, aux)`` for Flax NNX.
 
   The model's ``nnx.Param`` variables are differentiated and updated in place
-  (``nnx.update``); other variables (BatchNorm statistics, RNG counters) are
-  carried along unchanged by the gradient computation. Initialise the
-  optimizer state with ``tx.init(nnx.state(model, nnx.Param))``.
+  (``nnx.update``), like ``nnx.Optimizer.update`` does after ``nnx.grad``.
+  Every other variable — ``nnx.BatchStat`` running statistics, the
+  ``nnx.Rngs`` streams of ``nnx.Dropout``, any custom ``nnx.Variable`` — is the
+  model state of :func:`make_train_step` (``has_state=True``): it is updated in
+  place from the one forward pass at θ on the whole batch, so BatchNorm
+  statistics advance once per step (not once per task, and never at the
+  perturbed points of a flat step) and the dropout RNG counter advances once
+  per step (fresh masks every step, the same mask for every task's gradient
+  within a step). Keep the ``nnx.Rngs`` inside the model, as the Flax examples
+  do. ``model.eval()`` / ``model.train()`` switch BatchNorm and dropout as
+  usual. Initialise the optimizer state with
+  ``tx.init(nnx.state(model, nnx.Param))``.
 
   Args:
-    loss_fn: ``loss_fn(model, *batch) -> losses (m,)`` (or ``(losses, aux)``).
+    loss_fn: ``loss_fn(model, *batch) -> losses (m,)`` (or ``(losses, aux)``
+      with ``has_aux``).
     tx: the optax transformation (aggregator chained with an optimizer).
     **kwargs: as for :func:`make_train_step` (``mode``, ``chunk_size``,
       ``has_aux``, ``perturbation``, ``perturbation_groups``).
 
   Returns:
-    The jitted step function.
+    The jitted step function (``nnx.jit``).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  kwargs = dict(kwargs, jit=False)
+  if "has_state" in kwargs:
+    raise ValueError("make_nnx_train_step: the model state is taken from the model's "
+                     "non-Param variables; do not pass has_state.")
+  has_aux = kwargs.get("has_aux", False)
+  kwargs = dict(kwargs, jit=False, has_state=True)
+  not_params = nnx.Not(nnx.Param)
+  # flax >= 0.11 merges into the given Variable objects unless copy=True; older
+  # versions always build new ones (and have no copy argument).
+  copy = {"copy": True} if "copy" in inspect.signature(nnx.merge).parameters else {}
+
+  def functional(graphdef):
+    def run(params, rest, *batch):
+      # A fresh module per trace: its variables belong to this trace, so layers
+      # may write their statistics and RNG counters.
+      model = nnx.merge(graphdef, params, rest, **copy)
+      out = loss_fn(model, *batch)
+      new_rest = nnx.state(model, not_params)
+      if has_aux:
+        losses, aux = out
+        return losses, (new_rest, aux)
+      return out, new_rest
+    return run
 
   @nnx.jit
   def step(model, opt_state, *batch):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    functional = lambda p, *b: loss_fn(nnx.merge(graphdef, p, rest), *b)
-    inner = make_train_step(functional, tx, **kwargs)
-    new_params, opt_state, losses, aux = inner(params, opt_state, *batch)
-    nnx.update(model, new_params)
+    graphdef, params, rest = nnx.split(model, nnx.Param, not_params)
+    inner = make_train_step(functional(graphdef), tx, **kwargs)
+    new_params, opt_state, new_rest, losses, aux = inner(params, opt_state, rest, *batch)
+    nnx.update(model, new_params, new_rest)
     return opt_state, losses, aux
 
   return step
