@@ -1,8 +1,11 @@
 """Train a small two-task Flax NNX model with mtl_optax: `mean` vs `cagrad`.
 
-A shared MLP trunk feeds two regression heads whose targets conflict (their
-true weight vectors point in different directions and their scales differ by
-10×). Run: `python examples/two_task_regression.py`.
+A shared MLP trunk (with BatchNorm and dropout) feeds two regression heads
+whose targets conflict (their true weight vectors point in different
+directions and their scales differ by 10×). `mo.make_nnx_train_step` updates
+the BatchNorm statistics and the dropout RNG stream in place, once per step;
+the losses are evaluated in eval mode (`model.eval()`: running statistics, no
+dropout). Run: `python examples/two_task_regression.py`.
 """
 
 import jax
@@ -15,12 +18,14 @@ import mtl_optax as mo
 
 class TwoTaskNet(nnx.Module):
   def __init__(self, rngs: nnx.Rngs, d_in=16, hidden=32):
-    self.trunk = nnx.Linear(d_in, hidden, rngs=rngs)
+    self.trunk = nnx.Linear(d_in, hidden, use_bias=False, rngs=rngs)
+    self.norm = nnx.BatchNorm(hidden, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
     self.head_a = nnx.Linear(hidden, 1, rngs=rngs)
     self.head_b = nnx.Linear(hidden, 1, rngs=rngs)
 
   def __call__(self, x):
-    z = jax.nn.relu(self.trunk(x))
+    z = self.dropout(jax.nn.relu(self.norm(self.trunk(x))))
     return self.head_a(z)[:, 0], self.head_b(z)[:, 0]
 
 
@@ -37,6 +42,13 @@ def losses_fn(model, x, ya, yb):
   return jnp.stack([jnp.mean((pa - ya) ** 2), jnp.mean((pb - yb) ** 2)])
 
 
+def eval_losses(model, x, ya, yb):
+  model.eval()
+  out = losses_fn(model, x, ya, yb)
+  model.train()
+  return out
+
+
 def train(aggregator, steps=300, seed=0):
   x, ya, yb = make_data(jax.random.PRNGKey(42))
   model = TwoTaskNet(nnx.Rngs(seed))
@@ -44,10 +56,10 @@ def train(aggregator, steps=300, seed=0):
   tx = optax.chain(aggregator(task_specific=heads, num_tasks=2), optax.adam(3e-3))
   opt_state = tx.init(nnx.state(model, nnx.Param))
   step = mo.make_nnx_train_step(losses_fn, tx)
-  before = losses_fn(model, x, ya, yb)
+  before = eval_losses(model, x, ya, yb)
   for _ in range(steps):
     opt_state, losses, _ = step(model, opt_state, x, ya, yb)
-  return before, losses_fn(model, x, ya, yb), mo.task_weights(opt_state)
+  return before, eval_losses(model, x, ya, yb), mo.task_weights(opt_state)
 
 
 def main():

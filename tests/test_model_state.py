@@ -210,6 +210,14 @@ def test_sam_gradients_use_batch_statistics_and_the_steps_dropout_mask(chunk_siz
   want_losses, want_stats, _ = linen_losses(params, state["batch_stats"], dropout_key, x, y)
   np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
   assert_trees_close(new_state["batch_stats"], want_stats)
+  if chunk_size == 1:
+    # The sharpness metric on the same stateful loss: L_i(θ + ε_i) − L_i(θ), batch statistics.
+    sharp = mo.metrics.sharpness(linen_loss_fn, params, state, x, y, rho_shared=0.05,
+                                 task_specific=is_head, has_state=True, has_aux=True)
+    want_sharp = [linen_losses(jax.tree.map(lambda p, e, i=i: p + e[i], params, offsets),
+                               state["batch_stats"], dropout_key, x, y)[0][i] - want_losses[i]
+                  for i in range(M)]
+    np.testing.assert_allclose(sharp, want_sharp, rtol=1e-4, atol=1e-6)
 
 
 def test_dropout_masks_fresh_every_step_and_shared_by_tasks():
@@ -297,6 +305,8 @@ def test_stateful_errors_are_clear():
     step(params, tx.init(params))
   with pytest.raises(ValueError, match="do not pass has_state"):
     mo.make_nnx_train_step(lambda model: None, tx, has_state=True)
+  with pytest.raises(ValueError, match="has_state is not supported"):
+    mo.multi_batch_task_grads(linen_loss_fn, params, [(state, x, y)] * 3, has_state=True)
 
 
 # --- NNX: nnx.BatchNorm, nnx.Dropout and nnx.Rngs inside the model ---------

@@ -53,6 +53,12 @@ def multi_batch_task_grads(loss_fn: Callable[..., Any], params: Any,
   """
   if task_grads_kwargs.get("has_aux"):
     raise ValueError("multi_batch_task_grads: has_aux is not supported; return the losses only.")
+  if task_grads_kwargs.get("has_state"):
+    raise ValueError(
+        "multi_batch_task_grads: has_state is not supported: its three forward passes (main "
+        "batch and two weight batches) would give three new model states. Compute the main "
+        "batch with mo.task_grads(..., has_state=True) and the two weight batches with "
+        "task_grads on a loss that discards its new state.")
   if len(batches) != 3:
     raise ValueError(
         "multi_batch_task_grads: pass exactly three batches (main, a, b); "
