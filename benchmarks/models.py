@@ -7,9 +7,23 @@ Architecture (after the FS-MTL LeNet):
 * encoder ``lenet``: conv 1->10 (9x9) -> ReLU -> maxpool 2 -> conv 10->20 (5x5)
   -> ReLU -> maxpool 2 -> flatten 500 -> dense 50 -> ReLU;
 * encoder ``mlp``: flatten 1296 -> dense 256 -> ReLU -> dense 50 -> ReLU;
-* head ``CL`` (classification): dense 50->10 logits, cross-entropy, accuracy;
-* head ``RR`` (reconstruction): dense 50->256 -> ReLU -> dense 256->784 ->
-  sigmoid, mean squared error against the 28x28 right (or left) digit.
+* encoders ``resnet18`` / ``resnet_small`` (with BatchNorm): the FS-MTL
+  multi-MNIST ResNet-18 of `mtl_optax.models` (width 64, 2 blocks per stage)
+  and a narrow variant for CPU (width 16, 1 block per stage), both ending in a
+  100-d feature; ``*_reference`` use ``flax.linen.Conv`` (same parameters);
+* head ``CL`` (classification): dense d->10 logits, cross-entropy, accuracy;
+* head ``RR`` (reconstruction): dense d->256 -> ReLU -> dense 256->784 ->
+  sigmoid, mean squared error against the 28x28 right (or left) digit
+  (d = 50, or 100 for the ResNets).
+
+Model state: the ResNet encoders carry BatchNorm statistics
+(``has_state``). `MultiTaskModel.init_state` returns them as
+``{"batch_stats": ...}`` (``{}`` for the other encoders),
+`MultiTaskModel.stateful_task_losses` ``(params, model_state, batch) ->
+(losses, new_model_state)`` trains with batch statistics (the
+``has_state=True`` contract of `mtl_optax.task_grads`) and
+`MultiTaskModel.task_metrics` / `task_losses` with a ``model_state`` evaluate
+with the running averages.
 
 Two implementations of the same LeNet with identical parameter trees:
 ``lenet`` (fast on XLA:CPU: conv1 from banded patches computed once per batch,
@@ -43,11 +57,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_optax import models as mmodels
 from mtl_optax import nn as mnn
 
 TASK_KINDS = {"CL_CR": ("CL", "CL"), "CL_RR": ("CL", "RR"),
               "RL_RR": ("RR", "RR")}
-ENCODERS = ("lenet", "lenet_reference", "mlp")
+RESNETS = {  # encoder -> (width, stage_sizes, conv_impl)
+    "resnet18": (64, (2, 2, 2, 2), "patches"),
+    "resnet18_reference": (64, (2, 2, 2, 2), "flax"),
+    "resnet_small": (16, (1, 1, 1, 1), "patches"),
+    "resnet_small_reference": (16, (1, 1, 1, 1), "flax"),
+}
+ENCODERS = ("lenet", "lenet_reference", "mlp", *RESNETS)
 # Metric per head kind: (name, lower_is_better), for Δm%.
 METRICS = {"CL": ("accuracy", False), "RR": ("mse", True)}
 
@@ -164,7 +185,9 @@ class MultiTaskModel:
 
   Attributes:
     tasks: head kind per task, each ``"CL"`` or ``"RR"``.
-    encoder: ``"lenet"`` (fast), ``"lenet_reference"`` or ``"mlp"``.
+    encoder: ``"lenet"`` (fast), ``"lenet_reference"``, ``"mlp"``,
+      ``"resnet18"``, ``"resnet_small"`` (BatchNorm: see `has_state`) or
+      their ``*_reference`` versions.
     conv1_block_width: fast LeNet conv1 block width (divides 28).
     conv2_block_width: fast LeNet conv2 block width (divides 10).
   """
@@ -184,7 +207,20 @@ class MultiTaskModel:
   def num_tasks(self) -> int:
     return len(self.tasks)
 
+  @property
+  def has_state(self) -> bool:
+    """Whether the encoder has BatchNorm statistics (a model state)."""
+    return self.encoder in RESNETS
+
+  @property
+  def feature_dim(self) -> int:
+    return 100 if self.has_state else 50
+
   def _encoder_module(self) -> nn.Module:
+    if self.has_state:
+      width, stages, impl = RESNETS[self.encoder]
+      return mmodels.ResNetEncoder(width=width, stage_sizes=stages, feature_dim=100,
+                                   conv_impl=impl)
     if self.encoder == "lenet":
       return LeNetEncoder(self.conv1_block_width, self.conv2_block_width)
     if self.encoder == "lenet_reference":
@@ -203,20 +239,50 @@ class MultiTaskModel:
 
     The same key gives the same values for ``lenet`` and ``lenet_reference``.
     """
+    return _jit_init(self, key)[0]
+
+  def init_state(self, key: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(params, model_state)``: `init`'s parameters and the initial state.
+
+    ``model_state`` is ``{"batch_stats": ...}`` (the encoder's BatchNorm
+    statistics) for the ResNet encoders and ``{}`` otherwise.
+    """
     return _jit_init(self, key)
 
-  def _init(self, key: jax.Array) -> dict[str, Any]:
+  def _init(self, key: jax.Array):
     k_enc, *k_heads = jax.random.split(key, 1 + self.num_tasks)
     x = jnp.zeros((1, 36, 36, 1), jnp.float32)
-    enc = self._encoder_module().init(k_enc, self.inputs(x))["params"]
-    z = jnp.zeros((1, 50), jnp.float32)
+    if self.has_state:
+      variables = self._encoder_module().init(k_enc, x, train=False)
+      enc, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    else:
+      enc, state = self._encoder_module().init(k_enc, self.inputs(x))["params"], {}
+    z = jnp.zeros((1, self.feature_dim), jnp.float32)
     heads = {f"task{i}": _HEADS[t]().init(k, z)["params"]
              for i, (t, k) in enumerate(zip(self.tasks, k_heads))}
-    return {"encoder": enc, "heads": heads}
+    return {"encoder": enc, "heads": heads}, state
 
-  def encode(self, encoder_params, inputs: jax.Array) -> jax.Array:
-    """Shared representation ``(B, 50)`` from `inputs` (see `inputs`)."""
+  def encode(self, encoder_params, inputs: jax.Array, model_state=None) -> jax.Array:
+    """Shared representation ``(B, feature_dim)`` from `inputs` (see `inputs`).
+
+    With a model state (ResNet encoders): BatchNorm with running averages.
+    """
+    if self.has_state:
+      if not model_state:
+        raise ValueError(f"encoder {self.encoder!r} needs its model_state (init_state)")
+      return self._encoder_module().apply(
+          {"params": encoder_params, "batch_stats": model_state["batch_stats"]}, inputs,
+          train=False)
     return self._encoder_module().apply({"params": encoder_params}, inputs)
+
+  def encode_train(self, encoder_params, model_state, inputs: jax.Array):
+    """``(z, new_model_state)``: training mode (BatchNorm batch statistics)."""
+    if not self.has_state:
+      return self.encode(encoder_params, inputs), model_state
+    z, updates = self._encoder_module().apply(
+        {"params": encoder_params, "batch_stats": model_state["batch_stats"]}, inputs,
+        train=True, mutable=["batch_stats"])
+    return z, {"batch_stats": updates["batch_stats"]}
 
   def head(self, i: int, head_params, z: jax.Array) -> jax.Array:
     """Output of task ``i``'s head: logits ``(B, 10)`` or image ``(B, 784)``."""
@@ -233,14 +299,27 @@ class MultiTaskModel:
       out.append(_loss(kind, pred, targets[i]))
     return jnp.stack(out)
 
-  def task_losses(self, params, batch) -> jax.Array:
-    """Per-task mean losses ``(m,)``: cross-entropy (CL) or MSE (RR)."""
-    z = self.encode(params["encoder"], self._batch_inputs(batch))
+  def task_losses(self, params, batch, model_state=None) -> jax.Array:
+    """Per-task mean losses ``(m,)``: cross-entropy (CL) or MSE (RR).
+
+    ResNet encoders: evaluation mode (pass ``model_state``); train with
+    `stateful_task_losses`.
+    """
+    z = self.encode(params["encoder"], self._batch_inputs(batch), model_state)
     return self.head_losses(params["heads"], z, batch["targets"])
 
-  def task_metrics(self, params, batch) -> jax.Array:
-    """Per-task metrics ``(m,)``: accuracy (CL, higher is better) or MSE (RR)."""
-    z = self.encode(params["encoder"], self._batch_inputs(batch))
+  def stateful_task_losses(self, params, model_state, batch):
+    """``(losses, new_model_state)`` in training mode (``has_state=True`` form)."""
+    z, new_state = self.encode_train(params["encoder"], model_state,
+                                     self._batch_inputs(batch))
+    return self.head_losses(params["heads"], z, batch["targets"]), new_state
+
+  def task_metrics(self, params, batch, model_state=None) -> jax.Array:
+    """Per-task metrics ``(m,)``: accuracy (CL, higher is better) or MSE (RR).
+
+    ResNet encoders: BatchNorm with the running averages of ``model_state``.
+    """
+    z = self.encode(params["encoder"], self._batch_inputs(batch), model_state)
     out = []
     for i, kind in enumerate(self.tasks):
       pred = self.head(i, params["heads"][f"task{i}"], z)

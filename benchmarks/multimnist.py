@@ -1,7 +1,7 @@
 """Multi-MNIST comparison of multi-task methods (benchmarks.md §1).
 
     python -m benchmarks.multimnist --tasks CL_RR --methods mean,cagrad,imtl --seeds 3 \
-        --epochs 10 [--quick] [--encoder lenet|mlp]
+        --epochs 10 [--quick] [--encoder lenet|mlp|resnet18|resnet_small]
 
 Protocol (after Gama & Grassi 2025, Navon et al. 2022):
 
@@ -27,6 +27,11 @@ Implementation: per-task gradients with ``mo.task_grads`` (heads marked
 (``f_<method>``) use ``mo.flat`` + ``mo.sharpness_aware_task_grads``. A whole
 epoch is one jitted ``jax.lax.scan`` over device-resident data; one compilation
 per method (the learning rate is a traced argument); evaluation is jitted.
+Encoders with BatchNorm (``resnet18``, ``resnet_small``) carry their
+statistics as a model state through the epoch scan (``has_state=True`` in
+``mo.task_grads`` / ``mo.sharpness_aware_task_grads``; the single-task
+baselines likewise) and evaluate with the running averages; the other
+encoders carry an empty state and run exactly as before.
 
 Outputs ``benchmarks/results/multimnist_<tasks>_<tag>.json`` and ``.png``.
 """
@@ -121,20 +126,26 @@ class Trainer:
                                      adaptive=self.adaptive, task_specific=heads_mask,
                                      norm=self.sam_norm)
 
+    # (losses, new model state); stateless encoders carry {} unchanged.
+    losses_fn = model.stateful_task_losses
+
     def body(tx, ep, carry, idx, images, targets):
-      p, s = carry
+      p, s, ms = carry   # ms: model state (BatchNorm statistics; {} if none)
       batch = {"images": images[idx], "targets": tuple(t[idx] for t in targets)}
       extra = {"epoch": ep}   # epoch-based methods (DWA, GradNorm) read it; others ignore it
       if agg is None:  # single-task baseline: plain Adam on the one loss
-        loss, g = jax.value_and_grad(lambda q: model.task_losses(q, batch)[0])(p)
+        def first(q):
+          losses, new_ms = losses_fn(q, ms, batch)
+          return losses[0], new_ms
+        (loss, ms), g = jax.value_and_grad(first, has_aux=True)(p)
         u, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, u), s), (loss[None], jnp.ones((1,), jnp.float32),
-                                                jnp.float32(1.0))
+        return (optax.apply_updates(p, u), s, ms), (loss[None], jnp.ones((1,), jnp.float32),
+                                                    jnp.float32(1.0))
       if perturb is None:
-        losses, g = mo.task_grads(model.task_losses, p, batch)
+        (losses, ms), g = mo.task_grads(losses_fn, p, ms, batch, has_state=True)
       else:
-        losses, g, sam = mo.sharpness_aware_task_grads(model.task_losses, p, batch,
-                                                       perturbation=perturb)
+        (losses, ms), g, sam = mo.sharpness_aware_task_grads(
+            losses_fn, p, ms, batch, perturbation=perturb, has_state=True)
         extra["sam_grads"] = sam
       inter = metrics.interference(g, task_specific=heads_mask) if m > 1 else jnp.float32(1.0)
       u, s = tx.update(g, s, p, losses=losses, **extra)
@@ -144,26 +155,27 @@ class Trainer:
         diag = mo.diagnostics(s)
         if "weights" in diag:
           w = diag["weights"].astype(jnp.float32)
-      return (p, s), (losses, w, inter)
+      return (p, s, ms), (losses, w, inter)
 
-    def epoch(params, opt_state, key, lr, ep, images, targets):
+    def epoch(params, opt_state, model_state, key, lr, ep, images, targets):
       tx = optax.adam(lr) if agg is None else optax.chain(agg, optax.adam(lr))
       n = images.shape[0]
       steps = n // bs
       perm = jax.random.permutation(key, n)[:steps * bs].reshape(steps, bs)
-      (params, opt_state), (losses, w, inter) = jax.lax.scan(
-          lambda c, i: body(tx, ep, c, i, images, targets), (params, opt_state), perm)
-      return params, opt_state, {"loss": losses.mean(0), "weights": w.mean(0),
+      (params, opt_state, model_state), (losses, w, inter) = jax.lax.scan(
+          lambda c, i: body(tx, ep, c, i, images, targets), (params, opt_state, model_state),
+          perm)
+      return params, opt_state, model_state, {"loss": losses.mean(0), "weights": w.mean(0),
                                  "interference": inter.mean(), "finite": jnp.all(jnp.isfinite(losses))}
 
-    def evaluate(params, images, targets):
+    def evaluate(params, model_state, images, targets):
       n = images.shape[0]
       chunk = max(d for d in range(1, min(n, 500) + 1) if n % d == 0)
       k = n // chunk
       imgs = images.reshape(k, chunk, *images.shape[1:])
       tg = tuple(t.reshape(k, chunk, *t.shape[1:]) for t in targets)
-      vals = jax.lax.map(lambda xs: model.task_metrics(params, {"images": xs[0], "targets": xs[1]}),
-                         (imgs, tg))
+      vals = jax.lax.map(lambda xs: model.task_metrics(
+          params, {"images": xs[0], "targets": xs[1]}, model_state or None), (imgs, tg))
       return vals.mean(0)
 
     # No buffer donation: some method states alias one array in several leaves.
@@ -172,10 +184,11 @@ class Trainer:
     self.eval_fn = _EVAL_CACHE.setdefault(model, jax.jit(evaluate))
 
   def init(self, seed):
-    params = self.model.init(jax.random.key(seed))
+    """``(params, opt_state, model_state)``; model_state is ``{}`` without BatchNorm."""
+    params, model_state = self.model.init_state(jax.random.key(seed))
     # The learning rate is not part of the state.
     tx = optax.adam(1e-3) if self.agg is None else optax.chain(self.agg, optax.adam(1e-3))
-    return params, tx.init(params)
+    return params, tx.init(params), model_state
 
 
 def _device_split(split: Split, task_ids):
@@ -205,16 +218,16 @@ def train_run(trainer: Trainer, data_dev, *, lr: float, seed: int, epochs: int,
               score: Callable[[np.ndarray], float], progress=None) -> RunResult:
   """Trains one run; selects the best epoch by ``score(val_metrics)`` (higher is better)."""
   t0 = time.perf_counter()
-  params, opt_state = trainer.init(seed)
+  params, opt_state, model_state = trainer.init(seed)
   key = jax.random.key(10_000 + seed)
   res = RunResult([], [], [], [], [])
   tr_img, tr_tg = data_dev["train"]
   for e in range(epochs):
     key, sub = jax.random.split(key)
-    params, opt_state, stats = trainer.epoch_fn(params, opt_state, sub, jnp.float32(lr),
-                                                jnp.int32(e), tr_img, tr_tg)
-    val = np.asarray(trainer.eval_fn(params, *data_dev["val"]), np.float64)
-    test = np.asarray(trainer.eval_fn(params, *data_dev["test"]), np.float64)
+    params, opt_state, model_state, stats = trainer.epoch_fn(
+        params, opt_state, model_state, sub, jnp.float32(lr), jnp.int32(e), tr_img, tr_tg)
+    val = np.asarray(trainer.eval_fn(params, model_state, *data_dev["val"]), np.float64)
+    test = np.asarray(trainer.eval_fn(params, model_state, *data_dev["test"]), np.float64)
     res.val.append(val.tolist())
     res.test.append(test.tolist())
     res.weights.append(np.asarray(stats["weights"], np.float64).tolist())

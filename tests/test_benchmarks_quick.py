@@ -3,12 +3,15 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 pytest.importorskip("flax")
 pytest.importorskip("mlxtend")
 
+from benchmarks import models  # noqa: E402
 from benchmarks import multimnist  # noqa: E402
 from benchmarks import registry  # noqa: E402
 from benchmarks import report  # noqa: E402
@@ -67,3 +70,34 @@ def test_toy_quick(tmp_path):
     for r in res:
       assert np.all(np.isfinite(r["final_losses"]))
       assert r["reached"] == (r["distance"] < 0.05)
+
+
+def test_multimnist_trainer_resnet_small_with_batch_norm_state():
+  # The BatchNorm encoder through the harness's Trainer: task_grads(has_state=True) inside the
+  # epoch scan, the statistics carried across steps and epochs, evaluation with running averages.
+  # Synthetic data (the dataset is not needed) and one method keep it to two compilations.
+  model = models.make_model("CL_RR", encoder="resnet_small")
+  assert model.has_state and not models.make_model("CL_RR", encoder="mlp").has_state
+  agg = registry.build("mgda", num_tasks=2, task_specific=multimnist.heads_mask)[0]
+  trainer = multimnist.Trainer(model, agg, flat=False,
+                               weighted=True, batch_size=16, rho=0.0, adaptive=False)
+  rng = np.random.default_rng(0)
+
+  def split(n):
+    return (jnp.asarray(rng.random((n, 36, 36, 1), np.float32)),
+            (jnp.asarray(rng.integers(0, 10, n).astype(np.int32)),
+             jnp.asarray(rng.random((n, 784), np.float32))))
+
+  data = {"train": split(32), "val": split(16), "test": split(16)}
+  _, _, state0 = trainer.init(0)
+  res = multimnist.train_run(trainer, data, lr=1e-3, seed=0, epochs=2,
+                             score=lambda v: float(v[0] - v[1]))
+  assert not res.diverged and len(res.val) == 2
+  assert np.all(np.isfinite(res.test)) and np.all(np.isfinite(res.loss))
+  assert 0.0 <= res.test[-1][0] <= 1.0
+  np.testing.assert_allclose(np.sum(res.weights[-1]), 1.0, atol=1e-5)   # MGDA weights
+  params, opt_state, state = trainer.init(0)
+  params, opt_state, state, _ = trainer.epoch_fn(params, opt_state, state, jax.random.key(1),
+                                                 jnp.float32(1e-3), jnp.int32(0), *data["train"])
+  old = state0["batch_stats"]["bn1"]["mean"]
+  assert not np.allclose(state["batch_stats"]["bn1"]["mean"], old)
