@@ -4,38 +4,33 @@
 
 The same multi-MNIST models as `benchmarks/models.py` (NCHW, CPU build of
 torch) and the same training steps, driven over stdin/stdout so that the JAX
-driver can interleave repeats of both sides in one run. One JSON object per
-line::
+driver can interleave repeats of both sides in one run: one JSON object per
+line (``setup``, ``run``, ``quit``), served by `_torch_harness.serve` (the
+protocol is documented in `benchmarks/_torch_harness.py`).
 
-  -> {"cmd": "setup", "batch": 256, "seed": 0, "threads": 2,
-      "steps": ["plain", ...]}
-  <- {"ok": true, "torch": "2.x", "threads": 2, "steps": [...]}
-  -> {"cmd": "run", "step": "plain", "n": 1}
-  <- {"step": "plain", "times": [seconds, ...]}
-  -> {"cmd": "quit"}
-
-Steps (the extension point is `STEPS`: name -> builder(model_kwargs) ->
+Steps (the extension point is `STEPS`: name -> builder(batch, seed) ->
 zero-argument callable doing one full training step):
 
-* ``plain`` / ``plain_mlp``: summed loss of the two tasks, backward, Adam.
+* ``plain`` / ``plain_mlp``: summed loss of the two tasks, backward, Adam
+  (`_torch_harness.plain_step`).
 * ``jac_mgda`` / ``jac_cagrad``: LibMTL-style: one ``torch.autograd.grad``
   per task on the shared (encoder) parameters, the aggregation (MGDA closed
   form for two tasks; CAGrad with scipy SLSQP on the host, as LibMTL and the
-  CAGrad reference do), heads from their own loss, Adam.
+  CAGrad reference do), heads from their own loss, Adam
+  (`_torch_harness.jacobian_step`).
+* ``flat_cagrad``: F-CAGrad as the paper's code does it (`flat_cagrad_step`).
 
 Needs only torch, numpy (and scipy for CAGrad); never imports JAX.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+# Run by path: this directory is on sys.path.
+import _torch_harness  # pylint: disable=import-error
 
 
 class LeNetEncoder(nn.Module):
@@ -99,73 +94,6 @@ def make_batch(batch: int, seed: int):
           torch.rand(batch, 784, generator=g))
 
 
-def plain_step(model, opt, batch):
-  def step():
-    opt.zero_grad(set_to_none=True)
-    sum(model.losses(batch)).backward()
-    opt.step()
-  return step
-
-
-def mgda_weights(gram: np.ndarray) -> np.ndarray:
-  """Min-norm point of two gradients (closed form; m = 2 only)."""
-  if gram.shape != (2, 2):
-    raise NotImplementedError("torch MGDA baseline: two tasks only")
-  g11, g12, g22 = gram[0, 0], gram[0, 1], gram[1, 1]
-  denom = g11 + g22 - 2 * g12
-  a = 0.5 if denom <= 0 else float(np.clip((g22 - g12) / denom, 0.0, 1.0))
-  return np.array([a, 1.0 - a])
-
-
-def cagrad_direction(grads: torch.Tensor, c: float = 0.4) -> torch.Tensor:
-  """CAGrad (rescale=1) with the dual solved by scipy SLSQP, as in LibMTL."""
-  from scipy.optimize import minimize  # pylint: disable=g-import-not-at-top
-  m = grads.shape[0]
-  gram = (grads @ grads.T).double().numpy()
-  g0_norm = np.sqrt(gram.mean() + 1e-8)
-  b = np.ones(m) / m
-  coef = c * g0_norm
-
-  def objective(w):
-    return w @ gram @ b + coef * np.sqrt(w @ gram @ w + 1e-8)
-
-  res = minimize(objective, b, bounds=[(0, 1)] * m,
-                 constraints={"type": "eq", "fun": lambda w: 1 - w.sum()})
-  w = torch.as_tensor(res.x, dtype=grads.dtype)
-  gw = w @ grads
-  g0 = grads.mean(0)
-  return (g0 + coef / (gw.norm() + 1e-8) * gw) / (1 + c * c)
-
-
-def jacobian_step(model, opt, batch, method: str):
-  shared = list(model.encoder.parameters())
-  heads = list(model.heads.parameters())
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    losses = model.losses(batch)
-    rows = []
-    for loss in losses:  # one backward per task (LibMTL's loop)
-      g = torch.autograd.grad(loss, shared, retain_graph=True)
-      rows.append(torch.cat([t.reshape(-1) for t in g]))
-    grads = torch.stack(rows)
-    if method == "mgda":
-      w = torch.as_tensor(mgda_weights((grads @ grads.T).double().numpy()),
-                          dtype=grads.dtype)
-      direction = w @ grads
-    else:
-      direction = cagrad_direction(grads)
-    head_grads = torch.autograd.grad(sum(losses), heads)
-    offset = 0
-    for p in shared:
-      p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
-      offset += p.numel()
-    for p, g in zip(heads, head_grads):
-      p.grad = g
-    opt.step()
-  return step
-
-
 def flat_cagrad_step(model, opt, batch, rho: float = 0.05):
   """F-CAGrad as the paper's code does it: a Python loop over tasks.
 
@@ -201,11 +129,9 @@ def flat_cagrad_step(model, opt, batch, rho: float = 0.05):
       loss_rows.append(flat(g_sh))
       flat_rows.append(flat(g_sam[:len(shared)]) - loss_rows[-1])
       head_sam.append(g_sam[len(shared):])
-    direction = cagrad_direction(torch.stack(loss_rows)) + cagrad_direction(torch.stack(flat_rows))
-    offset = 0
-    for p in shared:
-      p.grad = direction[offset:offset + p.numel()].view_as(p).clone()
-      offset += p.numel()
+    direction = (_torch_harness.cagrad_direction(torch.stack(loss_rows))
+                 + _torch_harness.cagrad_direction(torch.stack(flat_rows)))
+    _torch_harness.set_flat_grad(shared, direction)
     for params, grads in zip(heads, head_sam):
       for p, g in zip(params, grads):
         p.grad = g
@@ -219,10 +145,10 @@ def _builder(encoder: str, kind: str):
     model = MultiTask(encoder)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     if kind == "plain":
-      return plain_step(model, opt, batch)
+      return _torch_harness.plain_step(model, opt, batch)
     if kind == "flat_cagrad":
       return flat_cagrad_step(model, opt, batch)
-    return jacobian_step(model, opt, batch, kind)
+    return _torch_harness.jacobian_step(model, opt, batch, kind)
   return build
 
 
@@ -236,28 +162,5 @@ STEPS = {
 }
 
 
-def main():
-  steps = {}
-  for line in sys.stdin:
-    msg = json.loads(line)
-    if msg["cmd"] == "setup":
-      torch.set_num_threads(msg.get("threads", 2))
-      batch = make_batch(msg.get("batch", 256), msg.get("seed", 0))
-      names = [s for s in msg["steps"] if s in STEPS]
-      steps = {s: STEPS[s](batch, msg.get("seed", 0)) for s in names}
-      reply = {"ok": True, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "steps": names}
-    elif msg["cmd"] == "run":
-      step, times = steps[msg["step"]], []
-      for _ in range(msg.get("n", 1)):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-      reply = {"step": msg["step"], "times": times}
-    else:
-      break
-    print(json.dumps(reply), flush=True)
-
-
 if __name__ == "__main__":
-  main()
+  _torch_harness.serve(STEPS, make_batch)
