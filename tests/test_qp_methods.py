@@ -617,3 +617,32 @@ def test_fairgrad_errors():
     mo.fairgrad(alpha=0.0)
   with pytest.raises(ValueError, match="max_iters"):
     mo.fairgrad(max_iters=0)
+
+
+def test_nash_mtl_weighted_heads_get_unclipped_weights(x64):
+  """weight_heads=True: heads get α_i g_i, only the shared update is clipped (authors, LibMTL).
+
+  Reference (NumPy/SciPy, LibMTL's Nash_MTL.backward): α solves Gα = 1/α on the shared
+  rows; Σ α_i L_i is back-propagated, so head i gets α_i g_i^head, then the shared
+  gradient Jᵀα is clipped to max_norm.
+  """
+  rng = np.random.default_rng(7)
+  m, n_shared, n_head = 3, 5, 4
+  j = rng.standard_normal((m, n_shared)) + 1.0       # norms ≫ 1: the clip is active
+  heads = np.zeros((m, m, n_head))                     # head i touched by task i only
+  for i in range(m):
+    heads[i, i] = rng.standard_normal(n_head)
+  grads = {"trunk": jnp.asarray(j), "heads": jnp.asarray(heads)}
+  params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
+  alpha = power_reference(j @ j.T)
+  assert np.linalg.norm(alpha @ j) > 1.5               # clipping matters here
+  tx = mo.nash_mtl(num_tasks=m, task_specific={"trunk": False, "heads": True},
+                   weight_heads=True)
+  upd, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_allclose(upd["trunk"], nash_reference(j), rtol=1e-6, atol=1e-9)
+  want_heads = np.einsum("i,ihk->hk", alpha, heads)
+  np.testing.assert_allclose(upd["heads"], want_heads, rtol=1e-6, atol=1e-9)
+  # The default: each head its own unweighted gradient.
+  tx = mo.nash_mtl(num_tasks=m, task_specific={"trunk": False, "heads": True})
+  upd, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_allclose(upd["heads"], heads.sum(0), rtol=1e-12)

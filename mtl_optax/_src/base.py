@@ -298,9 +298,11 @@ def make_aggregator(
       (head) leaves: None (all shared), a boolean mask pytree, or
       ``callable(path, leaf) -> bool``.
     weight_heads: whether head leaves are multiplied by the task weights. None
-      uses the convention of the field: loss weightings weight the heads (as a
-      weighted loss would), gradient methods give each head its own unweighted
-      task gradient (TorchJD ``mtl_backward``, LibMTL).
+      uses our convention: loss weightings weight the heads (as a weighted
+      loss would), gradient methods give each head its own unweighted task
+      gradient (as TorchJD's ``mtl_backward`` and most of LibMTL's gradient
+      methods; LibMTL's ``Nash_MTL``, ``FairGrad`` and ``ExcessMTL``
+      back-propagate Σ w_i L_i and so weight the heads: pass True for those).
     num_tasks: m. Optional for stateless methods; when given, ``init`` builds
       the full diagnostics so the state's structure never changes (no
       recompilation of a jitted step, ``lax.scan``-friendly, checkpoint

@@ -73,8 +73,12 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
       number of convex iterations; 5–10 Newton steps are typical).
     tol: relative residual max_i |w_i (Gw)_i − 1| at which the solver stops
       (default 100·eps of the dtype).
-    task_specific, weight_heads, nonfinite: see
-      :func:`mtl_optax.make_aggregator` (heads get their own gradient).
+    task_specific, nonfinite: see :func:`mtl_optax.make_aggregator`.
+    weight_heads: False/None (default): each head gets its own task gradient;
+      True: head i gets α_i g_i with the unclipped weights α (``max_norm``
+      clips the shared update only), as the authors' code and LibMTL's
+      ``Nash_MTL`` (which back-propagate Σ α_i L_i, then clip the shared
+      parameters' gradient).
     num_tasks: m (required: the state keeps the last weights).
 
   Diagnostics: ``residual`` (of the weights used, against the current
@@ -123,7 +127,11 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
       norm = jnp.sqrt(jnp.maximum(a @ gram @ a, 0.0))
       scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
     new_inner = NashMTLState(weights=w.astype(inner.weights.dtype), step=inner.step + 1)
+    # The clip is a clip of the shared update only: heads weighted by the method get
+    # α_i g_i (the authors' code and LibMTL back-propagate Σ α_i L_i, then clip the
+    # shared parameters' gradient).
     return base.RuleOutput(state=new_inner, weights=w * scale,
+                           head_weights=w.astype(dtype) if weight_heads else None,
                            diagnostics={"residual": residual, "iterations": iterations,
                                         "updated": update})
 
