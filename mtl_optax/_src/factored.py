@@ -215,12 +215,11 @@ def factored_task_grads(
                      f"got {factorize!r}.")
   where = "factored_task_grads"
   chunk = task_grads_lib.resolve_chunk_size(chunk_size, where)
-  task_grads_lib.check_state_args(args, has_state, where)
+  task_grads_lib.check_state_args(args, has_state, where)   # before tracing loss_fn
   leaves, treedef = jax.tree_util.tree_flatten(params)
   flat_fn = lambda *ls: loss_fn(jax.tree_util.tree_unflatten(treedef, ls), *args, **kwargs)
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
-  task_grads_lib.check_state_output(out_shape, has_aux, has_state, where)
-  has_aux = task_grads_lib.outputs_aux(has_aux, has_state)
+  has_aux = task_grads_lib.check_state_output(out_shape, has_aux, has_state, where)
   m = task_grads_lib.check_losses_shape(out_shape, has_aux, where)
   out_tree = jax.tree_util.tree_structure(out_shape)
   jaxpr = closed.jaxpr

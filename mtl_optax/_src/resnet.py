@@ -103,16 +103,6 @@ def conv_patches(x: jax.Array, kernel_size: int, stride: int = 1,
   return jnp.concatenate(_strided_windows(x, kernel_size, stride, padding), axis=-1)
 
 
-def _patches_matmul(p: jax.Array, kernel: jax.Array) -> jax.Array:
-  b, ho, wo, f = p.shape
-  y = p.reshape(b * ho * wo, f) @ kernel.reshape(f, kernel.shape[-1]).astype(p.dtype)
-  return y.reshape(b, ho, wo, kernel.shape[-1])
-
-
-def _conv2d_autodiff(x, kernel, stride, padding):
-  return _patches_matmul(conv_patches(x, kernel.shape[0], stride, padding), kernel)
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1,
            padding: int = 0) -> jax.Array:
   """NHWC/HWIO convolution as one matrix product of `conv_patches`.
@@ -124,10 +114,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1,
   gradient as a convolution of ``dy`` with the flipped kernel measured no
   faster on XLA:CPU.)
   """
-  kh, kw, _, _ = kernel.shape
+  kh, kw, _, out = kernel.shape
   if kh != kw:
     raise ValueError(f"square kernels only, got {kernel.shape}")
-  return _conv2d_autodiff(x, kernel, stride, padding)
+  p = conv_patches(x, kh, stride, padding)
+  b, ho, wo, f = p.shape
+  y = p.reshape(b * ho * wo, f) @ kernel.reshape(f, out).astype(p.dtype)
+  return y.reshape(b, ho, wo, out)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -233,12 +226,7 @@ class ResNetEncoder(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     if self.conv_impl not in CONV_IMPLS:
       raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
-    if self.conv_impl == "patches":
-      # The stem's patches are data: no gradient flows into the images.
-      x = Conv(self.width, 7, 2, 3, impl="patches", name="conv1")(
-          jax.lax.stop_gradient(x))
-    else:
-      x = Conv(self.width, 7, 2, 3, impl="flax", name="conv1")(x)
+    x = Conv(self.width, 7, 2, 3, impl=self.conv_impl, name="conv1")(x)
     x = nn.relu(_batch_norm(train, "bn1")(x))
     if self.conv_impl == "patches":
       x = max_pool_3x3_s2(x)

@@ -26,25 +26,30 @@ def outputs_aux(has_aux: bool, has_state: bool) -> bool:
   return has_aux or has_state
 
 
-def check_state_output(out, has_aux: bool, has_state: bool, where: str):
-  """Trace-time check of the ``(losses, new_model_state[, aux])`` output of a stateful loss."""
-  if not has_state:
-    return
-  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+def check_state_args(args, has_state: bool, where: str):
+  """Trace-time check that a stateful call passes the model state after params."""
+  if has_state and not args:
+    raise ValueError(f"{where}: has_state=True needs the model state as the first argument "
+                     "after params: (loss_fn, params, model_state, *batch).")
+
+
+def check_state_output(out, has_aux: bool, has_state: bool, where: str) -> bool:
+  """Checks a stateful loss's output; returns whether ``out`` is ``(losses, extra)``.
+
+  ``out`` is the (abstract) output of ``loss_fn``: ``(losses, new_model_state)``,
+  or ``(losses, (new_model_state, aux))`` with ``has_aux`` as well. Call
+  :func:`check_state_args` first, before tracing ``loss_fn``.
+  """
+  if has_state and not (isinstance(out, (tuple, list)) and len(out) == 2):
     raise ValueError(
         f"{where}: with has_state=True, loss_fn(params, model_state, *batch) must return "
         "(losses, new_model_state)" + (" with has_aux: (losses, (new_model_state, aux))"
                                        if has_aux else "") + f"; got {type(out).__name__}.")
-  if has_aux and not (isinstance(out[1], (tuple, list)) and len(out[1]) == 2):
+  if has_state and has_aux and not (isinstance(out[1], (tuple, list)) and len(out[1]) == 2):
     raise ValueError(
         f"{where}: with has_state=True and has_aux=True, loss_fn must return "
         "(losses, (new_model_state, aux)).")
-
-
-def check_state_args(args, has_state: bool, where: str):
-  if has_state and not args:
-    raise ValueError(f"{where}: has_state=True needs the model state as the first argument "
-                     "after params: (loss_fn, params, model_state, *batch).")
+  return outputs_aux(has_aux, has_state)
 
 
 def check_losses_shape(out, has_aux, where):
@@ -117,10 +122,10 @@ def task_grads(
   ``model.apply(..., mutable=["batch_stats"])``. The new state comes from the
   single forward pass at θ on the whole batch, so statistics advance once per
   step however many tasks there are, and a dropout mask drawn from a key in the
-  state is shared by every task's gradient. In mode "vmap" every task runs its own forward pass with the same state
-  (same batch statistics, same dropout key, hence the same masks) and the new
-  state of the first is returned. For example, a Linen model with BatchNorm
-  and dropout::
+  state is shared by every task's gradient. In mode "vmap" every task runs its
+  own forward pass with the same state (same batch statistics, same dropout
+  key, hence the same masks) and the new state of the first is returned.
+  For example, a Linen model with BatchNorm and dropout::
 
     def loss_fn(params, state, images, labels):
       key, dropout_key = jax.random.split(state["key"])
@@ -163,11 +168,10 @@ def task_grads(
   if mode not in MODES:
     raise ValueError(f"task_grads: mode must be one of {MODES}, got {mode!r}.")
   chunk_size = resolve_chunk_size(chunk_size, "task_grads")
-  check_state_args(args, has_state, "task_grads")
+  check_state_args(args, has_state, "task_grads")   # before tracing loss_fn
   f = lambda p: loss_fn(p, *args, **kwargs)
   shapes = jax.eval_shape(f, params)
-  check_state_output(shapes, has_aux, has_state, "task_grads")
-  has_aux = outputs_aux(has_aux, has_state)
+  has_aux = check_state_output(shapes, has_aux, has_state, "task_grads")
   m = check_losses_shape(shapes, has_aux, "task_grads")
   out_dtype = (shapes[0] if has_aux else shapes).dtype
   eye = jnp.eye(m, dtype=out_dtype)
