@@ -15,6 +15,8 @@ from mtl_optax._src.base import aggregator_info
 from mtl_optax._src.base import diagnostics
 from mtl_optax._src.base import make_aggregator
 from mtl_optax._src.base import task_weights
+from mtl_optax._src.engine import EngineChoice
+from mtl_optax._src.engine import resolve_engine
 from mtl_optax._src.factored import factored_task_grads
 from mtl_optax._src.jacobian import FactoredJacobian
 from mtl_optax._src.task_grads import representation_grads

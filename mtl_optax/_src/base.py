@@ -120,6 +120,11 @@ class AggregatorInfo:
       "variant" (a published different method, e.g. MGDA-UB) or "invalid".
     weight_heads: whether task-specific leaves are multiplied by the task
       weights (resolved per instance by ``make_aggregator``).
+    reads_rows: whether the rule reads the gradient rows themselves
+      (``TaskGradients.shared``) rather than only the Gram matrix; a rule that
+      returns ``shared_update`` reads them whatever this says. Lets
+      ``mode="auto"`` keep such methods off the factored engine, where rows
+      are formed from the factors at extra cost.
   """
   name: str
   needs_losses: bool = False
@@ -127,6 +132,7 @@ class AggregatorInfo:
   stochastic: bool = False
   representation: str = "invalid"
   weight_heads: Optional[bool] = None
+  reads_rows: bool = False
 
 
 def aggregator_info(tx) -> AggregatorInfo:
@@ -278,6 +284,27 @@ def _gram_and_finite(gram, shared_fn, heads_finite, m):
   return row_gram, row_scales, finite & heads_finite
 
 
+# Stack of trace-time recorders (see row_reading_probe); never touched at run time.
+_ROWS_PROBE: list = []
+
+
+class row_reading_probe:  # pylint: disable=invalid-name
+  """Context manager recording, while a transformation is traced, whether its
+  aggregators read the gradient rows (a list of bools, one per aggregation).
+
+  Used by :func:`mtl_optax.resolve_engine` on an abstract trace
+  (``jax.eval_shape``): nothing runs and nothing is kept after the block.
+  """
+
+  def __enter__(self) -> list:
+    _ROWS_PROBE.append([])
+    return _ROWS_PROBE[-1]
+
+  def __exit__(self, *exc):
+    _ROWS_PROBE.pop()
+    return False
+
+
 def make_aggregator(
     rule: Rule,
     info: AggregatorInfo,
@@ -373,6 +400,8 @@ def make_aggregator(
                          params=params, extra=extra, num_tasks=m, row_gram=row_gram,
                          row_scales=row_scales)
     out = rule(view, state.inner)
+    if _ROWS_PROBE:   # trace-time record for mode="auto" (see row_reading_probe)
+      _ROWS_PROBE[-1].append(info.reads_rows or out.weights is None)
 
     diag = base_diagnostics(row_gram, row_scales)
     if out.weights is not None:

@@ -121,6 +121,11 @@ def _find_sites(jaxpr, num_params: int, m: int, factorize: str) -> dict:
   return sites
 
 
+def find_factorable(jaxpr, num_params: int, m: int) -> dict:
+  """The products ``factorize="auto"`` would factor (empty: the engine would be stacked)."""
+  return _find_sites(jaxpr, num_params, m, "auto")
+
+
 def _eval(jaxpr, consts, args, path, sites, perts, acts):
   """Evaluates ``jaxpr``, adding ``perts[path]`` to the factored products' outputs."""
   env = {}
@@ -214,11 +219,12 @@ def factored_task_grads(
     raise ValueError(f"factored_task_grads: factorize must be one of {FACTORIZE}, "
                      f"got {factorize!r}.")
   where = "factored_task_grads"
-  chunk = task_grads_lib.resolve_chunk_size(chunk_size, where)
+  task_grads_lib.resolve_chunk_size(chunk_size, where)      # validate before tracing
   task_grads_lib.check_state_args(args, has_state, where)   # before tracing loss_fn
   leaves, treedef = jax.tree_util.tree_flatten(params)
   flat_fn = lambda *ls: loss_fn(jax.tree_util.tree_unflatten(treedef, ls), *args, **kwargs)
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
+  chunk = task_grads_lib.resolve_chunk_size(chunk_size, where, closed.jaxpr)
   has_aux = task_grads_lib.check_state_output(out_shape, has_aux, has_state, where)
   m = task_grads_lib.check_losses_shape(out_shape, has_aux, where)
   out_tree = jax.tree_util.tree_structure(out_shape)

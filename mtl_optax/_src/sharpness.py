@@ -257,7 +257,8 @@ def perturbed_task_grads(
     ``(perturbed_losses, grads)``: ``(m,)`` and the stacked gradients (the
     structure of ``params`` with a leading task axis).
   """
-  chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "perturbed_task_grads")
+  chunk_size = task_grads_lib.resolve_chunk_size(
+      chunk_size, "perturbed_task_grads", task_grads_lib.loss_jaxpr(loss_fn, params, args, kwargs))
   task_grads_lib.check_state_args(args, has_state, "perturbed_task_grads")
   m = base.num_tasks_of(offsets, "perturbed_task_grads")
   f = _single_task_loss(loss_fn, task_loss_fn, task_grads_lib.outputs_aux(has_aux, has_state),
@@ -388,7 +389,9 @@ def sharpness_aware_task_grads(
   """
   if perturbation is None or not hasattr(perturbation, "update"):
     raise ValueError("sharpness_aware_task_grads: pass perturbation=mo.task_perturbation(...).")
-  chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "sharpness_aware_task_grads")
+  chunk_size = task_grads_lib.resolve_chunk_size(
+      chunk_size, "sharpness_aware_task_grads",
+      task_grads_lib.loss_jaxpr(loss_fn, params, args, kwargs))
   if perturbation_groups is not None:
     return _grouped_sharpness_aware_task_grads(
         loss_fn, params, args, kwargs, perturbation=perturbation, has_aux=has_aux,
@@ -531,7 +534,8 @@ def sharpness(
   if rhos is not None and rho_task is not None:
     raise ValueError("sharpness: rho_task= goes with rho_shared=; with rhos= every radius "
                      "applies to the shared and the task-specific leaves alike.")
-  chunk_size = task_grads_lib.resolve_chunk_size(chunk_size, "sharpness")
+  chunk_size = task_grads_lib.resolve_chunk_size(
+      chunk_size, "sharpness", task_grads_lib.loss_jaxpr(loss_fn, params, args, kwargs))
   if rhos is None:
     pert = task_perturbation(rho_shared, rho_task, adaptive=adaptive,
                              task_specific=task_specific, eps=eps, norm=norm)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax._src import base
+from mtl_optax._src import engine as engine_lib
 
 PyTree = Any
 
@@ -67,25 +68,40 @@ def check_losses_shape(out, has_aux, where):
 ChunkSize = Union[int, None, str]
 
 
-def resolve_chunk_size(chunk_size: ChunkSize, where: str) -> Optional[int]:
-  """Validates ``chunk_size`` and resolves ``"auto"`` for the default backend.
+def resolve_chunk_size(chunk_size: ChunkSize, where: str, program=None) -> Optional[int]:
+  """Validates ``chunk_size`` and resolves ``"auto"`` for the backend and the program.
 
-  ``"auto"`` is 1 (tasks in sequence) on CPU and None (all tasks in one
-  vmapped call) elsewhere. On XLA:CPU a backward pass vmapped over tasks
-  batches the weight-gradient products, which run slower than m sequential
-  passes (LeNet: 131 → 99 ms per m = 2 step; MLP at m = 8: see
-  ``benchmarks/speed.py``), while accelerators want the batched call.
+  ``"auto"`` is None (all tasks in one vmapped call) on GPU/TPU and, on CPU,
+  for programs with a convolution; 1 (tasks in sequence) otherwise. On XLA:CPU
+  a backward pass of dense layers vmapped over tasks batches the
+  weight-gradient products, which run slower than m sequential passes, while a
+  task-batched convolution backward is 2-4x faster than m sequential ones
+  (``benchmarks/engine_choice.py``; a small BatchNorm CNN at batch 64: 142 vs
+  546 ms per step).
+
+  Args:
+    chunk_size: a positive int, None or "auto".
+    where: the caller's name, for error messages.
+    program: the loss's jaxpr, or a zero-argument callable returning it (only
+      called for "auto" on CPU); None: no program-dependent choice.
   """
   if isinstance(chunk_size, str):
     if chunk_size != "auto":
       raise ValueError(f"{where}: chunk_size must be a positive int, None or 'auto', "
                        f"got {chunk_size!r}.")
-    return 1 if jax.default_backend() == "cpu" else None
+    if callable(program) and jax.default_backend() == "cpu":
+      program = program()
+    return engine_lib.auto_chunk_size(program)
   if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                  or chunk_size < 1):
     raise ValueError(f"{where}: chunk_size must be a positive int, None or 'auto', "
                      f"got {chunk_size!r}.")
   return chunk_size
+
+
+def loss_jaxpr(loss_fn, params, args=(), kwargs=None):
+  """A zero-argument callable tracing ``loss_fn(params, *args, **kwargs)`` to its jaxpr."""
+  return lambda: jax.make_jaxpr(lambda p: loss_fn(p, *args, **(kwargs or {})))(params).jaxpr
 
 
 def map_over_tasks(fn, xs, chunk_size: Optional[int]):
@@ -152,8 +168,9 @@ def task_grads(
     chunk_size: differentiate at most this many tasks at once
       (``jax.lax.map(..., batch_size=chunk_size)``) to bound the memory of the
       backward passes; None does all m at once (one vmapped call); "auto"
-      (default) is 1 on CPU and None on GPU/TPU (:func:`resolve_chunk_size`:
-      sequential passes are faster on XLA:CPU). Same mathematics either way.
+      (default) is None on GPU/TPU and for convolutional models on CPU, 1 for
+      other models on CPU (:func:`resolve_chunk_size`: sequential dense-layer
+      passes are faster on XLA:CPU). Same mathematics either way.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
     has_state: whether ``args[0]`` is a model state that ``loss_fn`` updates
       (see above; default False).
@@ -167,10 +184,14 @@ def task_grads(
   """
   if mode not in MODES:
     raise ValueError(f"task_grads: mode must be one of {MODES}, got {mode!r}.")
-  chunk_size = resolve_chunk_size(chunk_size, "task_grads")
+  resolve_chunk_size(chunk_size, "task_grads")       # validate before tracing
   check_state_args(args, has_state, "task_grads")   # before tracing loss_fn
   f = lambda p: loss_fn(p, *args, **kwargs)
-  shapes = jax.eval_shape(f, params)
+  if chunk_size == "auto":   # the choice looks at the program (convolutions)
+    closed, shapes = jax.make_jaxpr(f, return_shape=True)(params)
+    chunk_size = resolve_chunk_size(chunk_size, "task_grads", closed.jaxpr)
+  else:
+    shapes = jax.eval_shape(f, params)
   has_aux = check_state_output(shapes, has_aux, has_state, "task_grads")
   m = check_losses_shape(shapes, has_aux, "task_grads")
   out_dtype = (shapes[0] if has_aux else shapes).dtype

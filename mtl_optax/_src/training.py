@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import jax
 import optax
 
+from mtl_optax._src import engine as engine_lib
 from mtl_optax._src import factored as factored_lib
 from mtl_optax._src import task_grads as task_grads_lib
 
@@ -29,7 +30,7 @@ def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformationExtraArgs,
     *,
-    mode: str = "jacrev",
+    mode: str = "auto",
     chunk_size: task_grads_lib.ChunkSize = "auto",
     has_aux: bool = False,
     has_state: bool = False,
@@ -66,11 +67,20 @@ def make_train_step(
     loss_fn: ``loss_fn(params, *batch) -> losses (m,)`` (or ``(losses, aux)``
       with ``has_aux``). For Flax Linen: ``lambda p, x, y: task_losses(model.apply(p, x), y)``.
     tx: the optax transformation (aggregator chained with an optimizer).
-    mode: as in :func:`mtl_optax.task_grads` ("jacrev", "vmap"), or
-      "factored": :func:`mtl_optax.factored_task_grads` (dense-layer blocks of
-      the Jacobian kept as factors; same update, fewer flops when the batch is
-      not much larger than the layer widths; not with ``perturbation``).
-    chunk_size, has_aux: as in :func:`mtl_optax.task_grads`.
+    mode: "auto" (default): the engine :func:`mtl_optax.resolve_engine`
+      picks for this loss, batch and ``tx`` when the step is traced — the
+      factored engine for Gram-only aggregators when a dense layer is cheaper
+      as factors, stacked rows otherwise; tasks vmapped for convolutional
+      models and on GPU/TPU, in sequence for dense models on CPU (measured:
+      ``benchmarks/engine_choice.py``). The choice is logged on the
+      ``"mtl_optax"`` logger (level INFO). Or as in :func:`mtl_optax.task_grads`
+      ("jacrev", "vmap"), or "factored": :func:`mtl_optax.factored_task_grads`
+      (dense-layer blocks of the Jacobian kept as factors; same update, fewer
+      flops when the batch is not much larger than the layer widths; not with
+      ``perturbation``).
+    chunk_size: as in :func:`mtl_optax.task_grads`; with ``mode="auto"`` and
+      ``chunk_size="auto"`` both are chosen together.
+    has_aux: as in :func:`mtl_optax.task_grads`.
     has_state: the step carries a model state (see above; default False).
     perturbation: optional ``mo.task_perturbation`` for flat aggregators.
     perturbation_groups: None (default: one perturbation from the globally
@@ -92,19 +102,33 @@ def make_train_step(
     raise ValueError("make_train_step: mode='factored' does not combine with "
                      "perturbation= (flat aggregators need stacked gradients).")
 
+  if mode not in ("auto", "factored") + task_grads_lib.MODES:
+    raise ValueError(f"make_train_step: mode must be 'auto', 'factored', 'jacrev' or 'vmap', "
+                     f"got {mode!r}.")
+
   def step(params, opt_state, *batch):
     extra = {}
     if has_state and not batch:
       raise ValueError("make_train_step(has_state=True): call step(params, opt_state, "
                        "model_state, *batch).")
-    if mode == "factored":
-      out, grads = factored_lib.factored_task_grads(loss_fn, params, *batch, **options)
+    step_mode, step_options = mode, options
+    if mode == "auto":   # resolved at trace time, from the program and tx
+      choice = engine_lib.resolve_engine(
+          loss_fn, params, *batch, tx=tx, opt_state=opt_state, has_aux=has_aux,
+          has_state=has_state, perturbation=perturbation is not None)
+      engine_lib.log_choice(choice)
+      step_mode = choice.mode
+      if chunk_size == "auto":
+        step_options = dict(options, chunk_size=choice.chunk_size)
+    if step_mode == "factored":
+      out, grads = factored_lib.factored_task_grads(loss_fn, params, *batch, **step_options)
     elif perturbation is None:
-      out, grads = task_grads_lib.task_grads(loss_fn, params, *batch, mode=mode, **options)
+      out, grads = task_grads_lib.task_grads(loss_fn, params, *batch, mode=step_mode,
+                                             **step_options)
     else:
       out, grads, sam_grads = _sharpness().sharpness_aware_task_grads(
-          loss_fn, params, *batch, perturbation=perturbation, mode=mode,
-          perturbation_groups=perturbation_groups, **options)
+          loss_fn, params, *batch, perturbation=perturbation, mode=step_mode,
+          perturbation_groups=perturbation_groups, **step_options)
       extra["sam_grads"] = sam_grads
     losses, aux = out if task_grads_lib.outputs_aux(has_aux, has_state) else (out, None)
     updates, opt_state = tx.update(grads, opt_state, params, losses=losses, **extra)
