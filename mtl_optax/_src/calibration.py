@@ -24,6 +24,7 @@ the nearest class (``take_along_axis`` clamps).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -76,7 +77,51 @@ def _check_inputs(where: str, logits, labels, weights):
       raise ValueError(f"{where}: weights must have the shape of labels {labels.shape}, "
                        f"got {weights.shape}.")
     weights = weights.astype(acc)
-  return jax.nn.log_softmax(logits.astype(acc), axis=-1), labels, weights
+  return logits.astype(acc), labels, weights
+
+
+# The measures are usually called eagerly on a whole evaluation set; one compiled
+# program per measure (instead of op-by-op dispatch) keeps that fast. Inside a
+# user's jit these nested jits are simply inlined.
+@functools.partial(jax.jit, static_argnames="name")
+def _per_example(logits, labels, name):
+  """Per-example Brier score, NLL or entropy, ``(..., N)``."""
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  if name == "nll":
+    return -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+  p = jnp.exp(log_p)
+  if name == "brier":
+    onehot = jax.nn.one_hot(labels, p.shape[-1], dtype=p.dtype)
+    return jnp.sum((p - onehot) ** 2, axis=-1)
+  # p = 0 (a −inf logit, or underflow) contributes 0, not 0 · (−inf).
+  return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+
+
+@jax.jit
+def _reduce_mean(values, weights):
+  if weights is None:
+    return jnp.mean(values, axis=-1)
+  # An all-zero mask gives 0, not 0/0.
+  return linalg.safe_div(jnp.sum(weights * values, axis=-1), jnp.sum(weights, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames="num_bins")
+def _binned(logits, labels, weights, num_bins):
+  """Per-bin (weighted) counts, confidence sums and correct sums, and the edges."""
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  conf = jnp.exp(jnp.max(log_p, axis=-1))
+  correct = (jnp.argmax(log_p, axis=-1) == labels).astype(conf.dtype)
+  edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=conf.dtype)
+  # side="left" puts c in (edges[b], edges[b+1]] exactly as np.digitize(right=True),
+  # comparing with the edges themselves rather than rounding c * B.
+  idx = jnp.clip(jnp.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
+  member = (idx[..., None] == jnp.arange(num_bins)).astype(conf.dtype)  # (..., N, B)
+  if weights is not None:
+    member = member * weights[..., None]
+  count = jnp.sum(member, axis=-2)
+  conf_sum = jnp.einsum("...nb,...n->...b", member, conf)
+  correct_sum = jnp.einsum("...nb,...n->...b", member, correct)
+  return count, conf_sum, correct_sum, edges
 
 
 def _check_reduction(where, reduction, weights):
@@ -87,13 +132,11 @@ def _check_reduction(where, reduction, weights):
                      "per-example values are returned, select the examples you need.")
 
 
-def _reduce(values, weights, reduction):
-  if reduction == "none":
-    return values
-  if weights is None:
-    return jnp.mean(values, axis=-1)
-  # An all-zero mask gives 0, not 0/0.
-  return linalg.safe_div(jnp.sum(weights * values, axis=-1), jnp.sum(weights, axis=-1))
+def _measure(where, name, logits, labels, weights, reduction):
+  _check_reduction(where, reduction, weights)
+  logits, labels, weights = _check_inputs(where, logits, labels, weights)
+  values = _per_example(logits, labels, name)
+  return values if reduction == "none" else _reduce_mean(values, weights)
 
 
 def _num_bins(where, num_bins):
@@ -133,19 +176,10 @@ def reliability_diagram(logits, labels, num_bins: int = 10, *,
   """
   where = "reliability_diagram"
   num_bins = _num_bins(where, num_bins)
-  log_p, labels, w = _check_inputs(where, logits, labels, weights)
-  conf = jnp.exp(jnp.max(log_p, axis=-1))
-  correct = (jnp.argmax(log_p, axis=-1) == labels).astype(conf.dtype)
-  edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=conf.dtype)
-  # side="left" puts c in (edges[b], edges[b+1]] exactly as np.digitize(right=True),
-  # comparing with the edges themselves rather than rounding c * B.
-  idx = jnp.clip(jnp.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
-  member = (idx[..., None] == jnp.arange(num_bins)).astype(conf.dtype)  # (..., N, B)
-  if w is not None:
-    member = member * w[..., None]
-  count = jnp.sum(member, axis=-2)
-  conf_b = linalg.safe_div(jnp.einsum("...nb,...n->...b", member, conf), count)
-  acc_b = linalg.safe_div(jnp.einsum("...nb,...n->...b", member, correct), count)
+  logits, labels, w = _check_inputs(where, logits, labels, weights)
+  count, conf_sum, correct_sum, edges = _binned(logits, labels, w, num_bins)
+  conf_b = linalg.safe_div(conf_sum, count)
+  acc_b = linalg.safe_div(correct_sum, count)
   if w is None:
     count = count.astype(jnp.int32)
   return ReliabilityDiagram(conf_b, acc_b, count, edges)
@@ -176,11 +210,13 @@ def expected_calibration_error(logits, labels, num_bins: int = 10, *,
     Naeini et al., "Obtaining Well Calibrated Probabilities Using Bayesian
     Binning", AAAI 2015.
   """
-  diag = reliability_diagram(logits, labels, num_bins, weights=weights)
-  count = diag.count.astype(diag.confidence.dtype)
-  # count_b |acc_b − conf_b| = |Σ w·correct − Σ w·c| over the bin.
-  gaps = count * jnp.abs(diag.accuracy - diag.confidence)
-  return linalg.safe_div(jnp.sum(gaps, axis=-1), jnp.sum(count, axis=-1))
+  where = "expected_calibration_error"
+  num_bins = _num_bins(where, num_bins)
+  logits, labels, w = _check_inputs(where, logits, labels, weights)
+  count, conf_sum, correct_sum, _ = _binned(logits, labels, w, num_bins)
+  # count_b |acc_b − conf_b| = |Σ_b w·1[ŷ = y] − Σ_b w·c|: no per-bin division needed.
+  return linalg.safe_div(jnp.sum(jnp.abs(correct_sum - conf_sum), axis=-1),
+                         jnp.sum(count, axis=-1))
 
 
 def brier_score(logits, labels, *, weights: Optional[Array] = None,
@@ -205,12 +241,7 @@ def brier_score(logits, labels, *, weights: Optional[Array] = None,
     Brier, "Verification of Forecasts Expressed in Terms of Probability",
     Monthly Weather Review 1950.
   """
-  where = "brier_score"
-  _check_reduction(where, reduction, weights)
-  log_p, labels, w = _check_inputs(where, logits, labels, weights)
-  p = jnp.exp(log_p)
-  onehot = jax.nn.one_hot(labels, p.shape[-1], dtype=p.dtype)
-  return _reduce(jnp.sum((p - onehot) ** 2, axis=-1), w, reduction)
+  return _measure("brier_score", "brier", logits, labels, weights, reduction)
 
 
 def negative_log_likelihood(logits, labels, *, weights: Optional[Array] = None,
@@ -234,11 +265,7 @@ def negative_log_likelihood(logits, labels, *, weights: Optional[Array] = None,
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (NLL as
     a calibration measure).
   """
-  where = "negative_log_likelihood"
-  _check_reduction(where, reduction, weights)
-  log_p, labels, w = _check_inputs(where, logits, labels, weights)
-  picked = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-  return _reduce(-picked, w, reduction)
+  return _measure("negative_log_likelihood", "nll", logits, labels, weights, reduction)
 
 
 def predictive_entropy(logits, labels=None, *, weights: Optional[Array] = None,
@@ -263,11 +290,7 @@ def predictive_entropy(logits, labels=None, *, weights: Optional[Array] = None,
   Reference:
     Shannon 1948; Phan et al., ICCV 2025 (FS-MTL ``predictive_entropy.py``).
   """
-  where = "predictive_entropy"
-  _check_reduction(where, reduction, weights)
   logits = jnp.asarray(logits)
-  dummy = jnp.zeros(logits.shape[:-1], jnp.int32) if labels is None else labels
-  log_p, _, w = _check_inputs(where, logits, dummy, weights)
-  p = jnp.exp(log_p)
-  h = -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
-  return _reduce(h, w, reduction)
+  if labels is None:
+    labels = jnp.zeros(logits.shape[:-1], jnp.int32)
+  return _measure("predictive_entropy", "entropy", logits, labels, weights, reduction)

@@ -30,6 +30,7 @@ Li et al.'s ``--xignore biasbn``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -103,26 +104,42 @@ def filter_normalized_direction(
     raise ValueError(f"{where}: filter_axis must be an int, got {filter_axis!r}.")
   if not (isinstance(eps, (int, float)) and eps >= 0):
     raise ValueError(f"{where}: eps must be a non-negative number, got {eps!r}.")
-  leaves, treedef = _float_leaves(where, params)
+  leaves, _ = _float_leaves(where, params)
+  for w in leaves:
+    if jnp.ndim(w) >= 2 and not -jnp.ndim(w) <= filter_axis < jnp.ndim(w):
+      raise ValueError(f"{where}: filter_axis={filter_axis} is out of range for a parameter "
+                       f"of shape {jnp.shape(w)}.")
+  return _filter_direction(key, params, filter_axis, one_dim, float(eps))
+
+
+# One compiled program rather than op-by-op dispatch over the leaves when called
+# eagerly (inlined inside a user's jit).
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _filter_direction(key, params, filter_axis, one_dim, eps):
+  leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves))
   out = []
   for k, w in zip(keys, leaves):
-    w = jnp.asarray(w)
     if w.ndim <= 1:
       out.append(jnp.zeros_like(w) if one_dim == "zero" else w)
       continue
-    if not -w.ndim <= filter_axis < w.ndim:
-      raise ValueError(f"{where}: filter_axis={filter_axis} is out of range for a parameter "
-                       f"of shape {w.shape}.")
     acc = linalg.accumulation_dtype(w.dtype)
     d = jax.random.normal(k, w.shape, acc)
     axes = tuple(a for a in range(w.ndim) if a != filter_axis % w.ndim)
-    w_norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(acc)), axis=axes, keepdims=True))
+    # Exact power-of-two rescaling: filters of huge (or tiny) weights neither overflow
+    # nor underflow in the sum of squares.
+    # (Rounded down, unlike linalg.power_of_two_scale, so that weights near the dtype's
+    # maximum do not get a scale of inf.)
+    top = jnp.max(jnp.abs(w)).astype(acc)
+    scale = jnp.exp2(jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))))
+    w_norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(acc) / scale), axis=axes,
+                              keepdims=True)) * scale
     d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=axes, keepdims=True))
     out.append((d * (w_norm / (d_norm + eps))).astype(w.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@jax.jit
 def _global_unit_direction(key, params):
   """d ~ N(0, I) over all parameters, divided by its global norm (the FS-MTL noise)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -154,6 +171,9 @@ def _move(params, coefs_dirs):
       total = total + c.astype(acc) * d.astype(acc)
     return total.astype(jnp.result_type(p))
   return jax.tree_util.tree_map(leaf, params, *[d for _, d in coefs_dirs])
+
+
+_move_jit = jax.jit(lambda p, r, d: _move(p, [(r, d)]))
 
 
 def _coordinates(where, name, values):
@@ -242,13 +262,11 @@ def noise_robustness(
   at = lambda r, d: eval_fn(_move(params, [(r, d)]))
 
   if host_loop:
-    make_jit = jax.jit(make)
-    move_jit = jax.jit(lambda p, r, d: _move(p, [(r, d)]))
     rows = [[None] * num_directions for _ in range(radii.shape[0])]
     for j in range(num_directions):
-      d = make_jit(keys[j])
+      d = make(keys[j])  # a compiled program (both direction makers are jitted)
       for r in range(radii.shape[0]):
-        rows[r][j] = eval_fn(move_jit(params, radii[r], d))
+        rows[r][j] = eval_fn(_move_jit(params, radii[r], d))
     stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])
     return jax.tree_util.tree_map(stack, *[jax.tree_util.tree_map(stack, *row) for row in rows])
 
