@@ -54,7 +54,7 @@ class ReliabilityDiagram(NamedTuple):
 
 
 def _check_inputs(where: str, logits, labels, weights):
-  """Validates shapes/dtypes at trace time; returns float log-probs, labels, weights."""
+  """Validates shapes/dtypes at trace time; returns logits (float32 or wider), labels, weights."""
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
   if logits.ndim < 2:

@@ -284,7 +284,7 @@ def loss_landscape_1d(
     direction: PyTree,
     alphas: Sequence[float],
     *args,
-    chunk_size: Optional[int] = 1,
+    chunk_size: task_grads_lib.ChunkSize = 1,
     **kwargs,
 ):
   """Losses along a line through θ: L(θ + α d) for every α.
@@ -333,7 +333,7 @@ def loss_landscape_2d(
     alphas: Sequence[float],
     betas: Sequence[float],
     *args,
-    chunk_size: Optional[int] = 1,
+    chunk_size: task_grads_lib.ChunkSize = 1,
     **kwargs,
 ):
   """Losses on a plane through θ: L(θ + α d₁ + β d₂) on an A × B grid.
