@@ -31,7 +31,7 @@ Li et al.'s ``--xignore biasbn``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
