@@ -17,8 +17,8 @@ g_i^SAM = ∇L_i(θ + ε_i). This module provides
   evaluates only its own loss at its own point: m forward + backward passes,
   not m²);
 * :func:`sharpness` (``mo.metrics.sharpness``) — the sharpness measure
-  L_i(θ + ε_i) − L_i(θ) per task, at one perturbation or for several radii
-  (the evaluation of the FS-MTL code).
+  L_i(θ + ε_i) − L_i(θ) per task, and optionally ‖g_i^SAM − g_i‖, at one
+  perturbation or for several radii (the evaluation of the FS-MTL code).
 
 The SAM gradients feed :func:`mtl_optax.flat`, which turns any aggregator into
 its flat (F-) version::
@@ -33,7 +33,7 @@ its flat (F-) version::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -463,6 +463,17 @@ def _grouped_sharpness_aware_task_grads(loss_fn, params, args, kwargs, *, groups
   return out, mean(loss_grads), mean(sam_grads)
 
 
+class SharpnessReport(NamedTuple):
+  """Both sharpness measures of :func:`sharpness` (``grad_diff_norm=True``).
+
+  Attributes:
+    loss_increase: L_i(θ + ε_i) − L_i(θ), ``(m,)`` or ``(R, m)``.
+    grad_diff_norm: ‖g_i^SAM − g_i‖ over the shared parameters, same shape.
+  """
+  loss_increase: jax.Array
+  grad_diff_norm: jax.Array
+
+
 def sharpness(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -479,8 +490,9 @@ def sharpness(
     chunk_size: task_grads_lib.ChunkSize = "auto",
     task_loss_fn: Optional[Callable[..., Any]] = None,
     eps: float = 1e-12,
+    grad_diff_norm: bool = False,
     **kwargs,
-) -> jax.Array:
+):
   """Per-task sharpness: the loss increase of each task at its own SAM offset.
 
   For every task i, with ε_i the offset of :func:`task_perturbation` (computed
@@ -507,6 +519,18 @@ def sharpness(
   Cost: one ``task_grads`` pass, then m forward passes per radius (one vmapped
   call over tasks, or chunks of ``chunk_size``; radii in sequence).
 
+  With ``grad_diff_norm=True`` the same call also reports, per task and
+  radius, the norm of the change of the task's gradient across its ball,
+
+      D_i = ‖g_i^SAM − g_i‖,   g_i^SAM = ∇L_i(θ + ε_i),  g_i = ∇L_i(θ),
+
+  over the shared parameters (the leaves not marked by ``task_specific``;
+  all leaves when it is None) — the ``grad_norm`` the FS-MTL code logs next
+  to the loss increase (``train.py``, ``--rho_eval``): the gradient-norm
+  term its bound controls. The perturbed passes then also run backward (m
+  forward + backward passes per radius); the norm is overflow-safe (rows
+  rescaled by a power of two).
+
   Args:
     loss_fn, params, *args, has_aux, has_state, mode, chunk_size, task_loss_fn, **kwargs:
       as for :func:`sharpness_aware_task_grads` (``loss_fn(params, *args) ->
@@ -516,9 +540,13 @@ def sharpness(
     rho_task: the task-specific radius ρ_ns (default None: ρ_sh).
     adaptive, task_specific, norm, eps: as for :func:`task_perturbation`
       (defaults False, None, "separate", 1e-12).
+    grad_diff_norm: also return D_i (default False: the loss increase only,
+      as before).
 
   Returns:
-    ``(m,)`` with ``rho_shared=``; ``(len(rhos), m)`` with ``rhos=``.
+    ``(m,)`` with ``rho_shared=``; ``(len(rhos), m)`` with ``rhos=``. With
+    ``grad_diff_norm=True`` a :class:`SharpnessReport` ``(loss_increase,
+    grad_diff_norm)`` of two arrays of that shape.
 
   References:
     Phan et al., "Beyond Losses Reweighting: Empowering Multi-Task Learning via
@@ -559,19 +587,37 @@ def sharpness(
   directions, _ = pert.update(grads, pert.init(params), params)
   m = losses.shape[0]
   f = _single_task_loss(loss_fn, task_loss_fn, has_aux, args, kwargs)
+  if grad_diff_norm:
+    shared = [not h for h in base.resolve_task_specific(task_specific, grads, params)]
+    if not any(shared):
+      raise ValueError("sharpness: grad_diff_norm measures ‖g^SAM − g‖ over the shared "
+                       "parameters, and every leaf is marked task-specific.")
+    norm_dtype = linalg.accumulation_dtype(jnp.result_type(*jax.tree_util.tree_leaves(grads)))
 
   def at_radius(rho):
-    def one(i, d_i):
+    def one(i, d_i, g_i):
       if rho is None:  # d_i is the offset itself
         point = jax.tree_util.tree_map(lambda p, d: p + d.astype(jnp.result_type(p)), params, d_i)
       else:
         point = jax.tree_util.tree_map(
             lambda p, d: p + (rho * d).astype(jnp.result_type(p)), params, d_i)
-      return f(point, i)
-    return task_grads_lib.map_over_tasks(lambda x: one(*x), (jnp.arange(m), directions),
-                                         chunk_size)
+      if not grad_diff_norm:
+        return f(point, i)
+      value, g_sam = jax.value_and_grad(f)(point, i)
+      diffs = [(a - b)[None] for a, b, s in zip(jax.tree_util.tree_leaves(g_sam),
+                                                jax.tree_util.tree_leaves(g_i), shared) if s]
+      return value, _group_norms(diffs, 1, norm_dtype)[0]
+    # The loss gradients travel along only when they are needed.
+    row_grads = grads if grad_diff_norm else jnp.zeros((m,))
+    return task_grads_lib.map_over_tasks(lambda x: one(*x),
+                                         (jnp.arange(m), directions, row_grads), chunk_size)
 
   if rhos is None:
-    return at_radius(None) - losses
-  perturbed = jax.lax.map(at_radius, rho_arr.astype(losses.dtype))
-  return perturbed - losses[None, :]
+    out = at_radius(None)
+    base_losses = losses
+  else:
+    out = jax.lax.map(at_radius, rho_arr.astype(losses.dtype))
+    base_losses = losses[None, :]
+  if not grad_diff_norm:
+    return out - base_losses
+  return SharpnessReport(out[0] - base_losses, out[1].astype(norm_dtype))
