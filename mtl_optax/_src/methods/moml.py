@@ -86,7 +86,8 @@ def moml(val_loss_fn: Callable[..., Array], inner_lr: Union[float, optax.Schedul
   batch), where LibMTL draws a separate half-size inner batch and updates the
   model on a third batch; the virtual step is plain SGD with step
   ``inner_lr`` (one inner step, as LibMTL supports). A zero hypergradient row
-  stays zero after normalisation (LibMTL divides by zero).
+  stays zero after normalisation (LibMTL divides by zero). A non-finite
+  validation gradient skips the step (zero update, state kept).
 
   Args:
     val_loss_fn: ``val_loss_fn(params, *val_batch) -> losses (m,)``.
@@ -121,15 +122,17 @@ def moml(val_loss_fn: Callable[..., Array], inner_lr: Union[float, optax.Schedul
   def rule(view, st):
     extra = view.extra.get(_META_GRAD)
     if extra is None:  # only while init() traces the state's shape
-      extra = (jnp.zeros_like(st.logits), jnp.full((m,), 1.0 / m, st.logits.dtype))
-    meta_grad, gamma = (x.astype(st.logits.dtype) for x in extra)
+      extra = (jnp.zeros_like(st.logits), jnp.full((m,), 1.0 / m, st.logits.dtype),
+               jnp.ones((), bool))
+    meta_grad, gamma = (x.astype(st.logits.dtype) for x in extra[:2])
     upd, opt_state = meta_optimizer.update(meta_grad, st.opt_state, st.logits)
     logits = optax.apply_updates(st.logits, upd)
-    ok = jnp.all(jnp.isfinite(logits))
+    ok = extra[2] & jnp.all(jnp.isfinite(logits))
     keep = lambda new, old: jnp.where(ok, new, old)
     new_state = MOMLState(keep(logits, st.logits),
-                          jax.tree_util.tree_map(keep, opt_state, st.opt_state), st.step + 1)
-    weights = jax.nn.softmax(new_state.logits).astype(view.gram.dtype)
+                          jax.tree_util.tree_map(keep, opt_state, st.opt_state),
+                          st.step + ok.astype(jnp.int32))
+    weights = jnp.where(ok, jax.nn.softmax(new_state.logits), 0.0).astype(view.gram.dtype)
     return base.RuleOutput(state=new_state, weights=weights,
                            diagnostics={"meta_grad": meta_grad, "mgda_weights": gamma})
 
@@ -155,7 +158,7 @@ def moml(val_loss_fn: Callable[..., Array], inner_lr: Union[float, optax.Schedul
     norms = jnp.linalg.norm(hyper, axis=1)
     unit = linalg.safe_div(hyper, norms[:, None])
     gamma = linalg.min_norm_on_simplex(unit @ unit.T).x
-    extra[_META_GRAD] = (gamma @ unit, gamma)
+    extra[_META_GRAD] = (gamma @ unit, gamma, jnp.all(jnp.isfinite(hyper)))
     return tx.update(updates, state, params, **extra)
 
   update_fn.mtl_info = tx.update.mtl_info
