@@ -54,6 +54,8 @@ REGISTRY: dict[str, Spec] = {
     # a run of <= 5 epochs never leaves the warm-up and is exactly SI. One warm-up epoch
     # keeps STCH itself active in our 5-10 epoch runs.
     "stch": _s("stch", "STCH", gradient_based=False, warmup_epochs=1),
+    "go4align": _s("go4align", "GO4Align", gradient_based=False),
+    "ldc_mtl": _s("ldc_mtl", "LDC-MTL", gradient_based=False),
     "gradnorm": _s("gradnorm", "GradNorm"),
     # gradient aggregators
     "mgda": _s("mgda", "MGDA"),
@@ -80,7 +82,7 @@ REGISTRY: dict[str, Spec] = {
 # batches or a model change, or they are not meaningful with two tasks.
 EXCLUDED = {
     "sum", "linear_scalarization", "flat", "task_perturbation", "sharpness_aware_task_grads",
-    "rotograd", "auto_lambda", "sdmgrad", "modo", "krum", "trimmed_mean",
+    "rotograd", "auto_lambda", "sdmgrad", "modo", "krum", "trimmed_mean", "moml", "forum",
     "make_aggregator", "make_train_step", "make_nnx_train_step", "task_grads",
     "representation_grads", "representation_update", "aggregator_info", "diagnostics",
     "task_weights", "multi_batch_task_grads", "rotograd_rotation_loss", "rotograd_rotations",

@@ -28,7 +28,9 @@ from mtl_optax._src import linalg
 from mtl_optax._src.methods.dwa import dwa
 from mtl_optax._src.methods.famo import famo
 from mtl_optax._src.methods.geometric_loss import geometric_loss
+from mtl_optax._src.methods.go4align import go4align
 from mtl_optax._src.methods.gradnorm import gradnorm
+from mtl_optax._src.methods.ldc_mtl import ldc_mtl
 from mtl_optax._src.methods.random_loss_weighting import random_loss_weighting
 from mtl_optax._src.methods.scalarization import linear_scalarization
 from mtl_optax._src.methods.scalarization import mean
@@ -48,12 +50,14 @@ from mtl_optax._src.methods.dualproj import dualproj
 from mtl_optax._src.methods.edm import edm
 from mtl_optax._src.methods.excess_mtl import excess_mtl
 from mtl_optax._src.methods.fairgrad import fairgrad
+from mtl_optax._src.methods.forum import forum
 from mtl_optax._src.methods.graddrop import graddrop
 from mtl_optax._src.methods.gradvac import gradvac
 from mtl_optax._src.methods.imtl import imtl
 from mtl_optax._src.methods.krum import krum
 from mtl_optax._src.methods.mgda import mgda
 from mtl_optax._src.methods.moco import moco
+from mtl_optax._src.methods.moml import moml
 from mtl_optax._src.methods.modo import modo
 from mtl_optax._src.methods.nash_mtl import nash_mtl
 from mtl_optax._src.methods.pcgrad import pcgrad

@@ -77,6 +77,8 @@ def _entries():
       "moco": lambda: Entry(lambda m: mo.moco(num_tasks=m), weighted=False),
       "db_mtl": lambda: Entry(lambda m: mo.db_mtl(num_tasks=m), weighted=False),
       "excess_mtl": lambda: Entry(lambda m: mo.excess_mtl(num_tasks=m)),
+      "go4align": lambda: Entry(lambda m: mo.go4align(num_groups=min(2, m), num_tasks=m)),
+      "ldc_mtl": lambda: Entry(lambda m: mo.ldc_mtl(num_tasks=m)),
   }
   for name, make in optional.items():
     if _get(name) is not None:
@@ -88,4 +90,5 @@ ENTRIES = _entries()
 
 # Public factories deliberately not in ENTRIES (need several batches, a model or
 # another aggregator): they have their own tests.
-NOT_GENERIC = {"flat", "rotograd", "auto_lambda", "sdmgrad", "modo", "task_perturbation"}
+NOT_GENERIC = {"flat", "rotograd", "auto_lambda", "sdmgrad", "modo", "task_perturbation",
+               "moml", "forum"}

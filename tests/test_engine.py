@@ -135,3 +135,15 @@ def test_auto_step_with_model_state():
 def test_bad_mode_is_rejected():
   with pytest.raises(ValueError, match="mode must be"):
     mo.make_train_step(_mlp_loss, _tx("mgda"), mode="fast")
+
+
+def test_validation_batch_methods_stay_stacked():
+  params, batch = _mlp_params(), _mlp_batch()
+  tx = optax.chain(mo.auto_lambda(_mlp_loss, num_tasks=M), optax.sgd(0.1))
+  opt_state = tx.init(params)
+  choice = mo.resolve_engine(_mlp_loss, params, *batch, tx=tx, opt_state=opt_state,
+                             tx_kwargs={"val_batch": batch})
+  assert choice.mode == "jacrev", choice.reason
+  step = mo.make_train_step(_mlp_loss, tx)
+  new_params = step(params, opt_state, *batch, val_batch=batch)[0]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new_params))

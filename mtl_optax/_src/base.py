@@ -305,6 +305,17 @@ class row_reading_probe:  # pylint: disable=invalid-name
     return False
 
 
+def note_reads_rows():
+  """Tells an active :class:`row_reading_probe` that the caller needs stacked rows.
+
+  For transformations that wrap an aggregator and read the stacked gradients
+  themselves (Auto-Lambda, MOML, FORUM): ``mode="auto"`` then keeps them on
+  the stacked engine.
+  """
+  if _ROWS_PROBE:
+    _ROWS_PROBE[-1].append(True)
+
+
 def make_aggregator(
     rule: Rule,
     info: AggregatorInfo,

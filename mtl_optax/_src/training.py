@@ -26,6 +26,39 @@ def _sharpness():
   return sharpness
 
 
+_RESERVED_STEP_KWARGS = ("losses", "sam_grads")
+
+
+def _check_step_kwargs(tx, grads, opt_state, params, kwargs, step_kwargs):
+  """Raises at trace time if ``tx.update`` does not use a keyword argument of the step.
+
+  optax silently drops keyword arguments no transformation reads (``optax.chain``
+  forwards every one to every member), so a misspelt ``val_batch=`` would train
+  without it. Traced once per compilation: an argument none of whose leaves
+  reaches an operation or an output of ``tx.update`` is not used.
+  """
+  clash = sorted(set(step_kwargs) & set(_RESERVED_STEP_KWARGS))
+  if clash:
+    raise ValueError(f"make_train_step: step(..., {clash[0]}=...) is computed by the step "
+                     "itself; it cannot be passed.")
+  leaves, treedef = jax.tree_util.tree_flatten(step_kwargs)
+
+  def update(*flat):
+    extra = jax.tree_util.tree_unflatten(treedef, flat)
+    return tx.update(grads, opt_state, params, **kwargs, **extra)
+
+  jaxpr = jax.make_jaxpr(update)(*leaves).jaxpr
+  used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+  it = iter(jaxpr.invars)
+  for key in step_kwargs:
+    ins = [next(it) for _ in jax.tree_util.tree_leaves(step_kwargs[key])]
+    if ins and not any(id(v) in used for v in ins):
+      raise ValueError(
+          f"make_train_step: step(..., {key}=...) was passed but the transformation does "
+          f"not use it (its update ignores {key!r}); check the name, or that the method "
+          "that takes it (e.g. mo.auto_lambda for val_batch=) is part of tx.")
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformationExtraArgs,
@@ -38,7 +71,7 @@ def make_train_step(
     perturbation_groups: Optional[int] = None,
     jit: bool = True,
 ):
-  """Builds ``step(params, opt_state, *batch) -> (params, opt_state, losses, aux)``.
+  """Builds ``step(params, opt_state, *batch, **kw) -> (params, opt_state, losses, aux)``.
 
   One step computes the stacked per-task gradients of ``loss_fn`` (with
   :func:`mtl_optax.task_grads`), hands them to ``tx`` (an aggregator, usually
@@ -62,6 +95,15 @@ def make_train_step(
   dropout mask; the SAM passes leave the state alone), see
   :func:`mtl_optax.task_grads` and :func:`mtl_optax.sharpness_aware_task_grads`.
   Evaluate with the returned state (``use_running_average=True``).
+
+  Extra inputs of the transformation: keyword arguments of ``step`` are passed
+  on to ``tx.update`` (as ``losses=`` is), e.g. the validation batch of the
+  bilevel methods, ``step(params, opt_state, x, y, val_batch=(xv, yv))`` with
+  ``mo.auto_lambda`` / ``mo.moml`` (``mo.forum`` also takes
+  ``train_batch=(x, y)``). They are traced with the step (arrays, or pytrees
+  of arrays). A keyword that ``tx.update`` does not use raises a ValueError at
+  trace time (optax would otherwise drop it silently); ``losses`` and
+  ``sam_grads`` are computed by the step and cannot be passed.
 
   Args:
     loss_fn: ``loss_fn(params, *batch) -> losses (m,)`` (or ``(losses, aux)``
@@ -106,7 +148,7 @@ def make_train_step(
     raise ValueError(f"make_train_step: mode must be 'auto', 'factored', 'jacrev' or 'vmap', "
                      f"got {mode!r}.")
 
-  def step(params, opt_state, *batch):
+  def step(params, opt_state, *batch, **step_kwargs):
     extra = {}
     if has_state and not batch:
       raise ValueError("make_train_step(has_state=True): call step(params, opt_state, "
@@ -115,7 +157,7 @@ def make_train_step(
     if mode == "auto":   # resolved at trace time, from the program and tx
       choice = engine_lib.resolve_engine(
           loss_fn, params, *batch, tx=tx, opt_state=opt_state, has_aux=has_aux,
-          has_state=has_state, perturbation=perturbation is not None)
+          has_state=has_state, perturbation=perturbation is not None, tx_kwargs=step_kwargs)
       engine_lib.log_choice(choice)
       step_mode = choice.mode
       if chunk_size == "auto":
@@ -131,7 +173,10 @@ def make_train_step(
           perturbation_groups=perturbation_groups, **step_options)
       extra["sam_grads"] = sam_grads
     losses, aux = out if task_grads_lib.outputs_aux(has_aux, has_state) else (out, None)
-    updates, opt_state = tx.update(grads, opt_state, params, losses=losses, **extra)
+    extra["losses"] = losses
+    if step_kwargs:
+      _check_step_kwargs(tx, grads, opt_state, params, extra, step_kwargs)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra, **step_kwargs)
     params = optax.apply_updates(params, updates)
     if has_state:
       new_state, aux = aux if has_aux else (aux, None)
@@ -146,7 +191,7 @@ def make_nnx_train_step(
     tx: optax.GradientTransformationExtraArgs,
     **kwargs,
 ):
-  """Builds ``step(model, opt_state, *batch) -> (opt_state, losses, aux)`` for Flax NNX.
+  """Builds ``step(model, opt_state, *batch, **kw) -> (opt_state, losses, aux)`` for Flax NNX.
 
   The model's ``nnx.Param`` variables are differentiated and updated in place
   (``nnx.update``), like ``nnx.Optimizer.update`` does after ``nnx.grad``.
@@ -160,7 +205,10 @@ def make_nnx_train_step(
   within a step). Keep the ``nnx.Rngs`` inside the model, as the Flax examples
   do. ``model.eval()`` / ``model.train()`` switch BatchNorm and dropout as
   usual. Initialise the optimizer state with
-  ``tx.init(nnx.state(model, nnx.Param))``.
+  ``tx.init(nnx.state(model, nnx.Param))``. Keyword arguments of ``step`` go
+  to ``tx.update`` as in :func:`make_train_step` (e.g. ``val_batch=``; the
+  method's validation loss function then receives the ``nnx.State`` of the
+  Params, as ``tx.update`` does).
 
   Args:
     loss_fn: ``loss_fn(model, *batch) -> losses (m,)`` (or ``(losses, aux)``
@@ -198,10 +246,11 @@ def make_nnx_train_step(
     return run
 
   @nnx.jit
-  def step(model, opt_state, *batch):
+  def step(model, opt_state, *batch, **step_kwargs):
     graphdef, params, rest = nnx.split(model, nnx.Param, not_params)
     inner = make_train_step(functional(graphdef), tx, **kwargs)
-    new_params, opt_state, new_rest, losses, aux = inner(params, opt_state, rest, *batch)
+    new_params, opt_state, new_rest, losses, aux = inner(params, opt_state, rest, *batch,
+                                                         **step_kwargs)
     nnx.update(model, new_params, new_rest)
     return opt_state, losses, aux
 

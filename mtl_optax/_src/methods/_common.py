@@ -7,6 +7,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from mtl_optax._src import base
+from mtl_optax._src import jacobian
+
 
 def require_num_tasks(name: str, num_tasks: Optional[int],
                       what: str = "per-task quantities") -> int:
@@ -35,3 +38,33 @@ def state_dtype(params: Any) -> jnp.dtype:
     if leaf_dtype is not None and jnp.issubdtype(leaf_dtype, jnp.floating):
       dtype = jnp.promote_types(dtype, leaf_dtype)
   return dtype
+
+
+def batch_arg(name: str, extra: dict, key: str, what: str) -> tuple:
+  """Pops a required batch keyword (``val_batch=``, ``train_batch=``) of ``update``.
+
+  A non-tuple value is wrapped as the single positional argument of the loss
+  function. Raises a clear error when it is missing.
+  """
+  batch = extra.pop(key, None)
+  if batch is None:
+    raise ValueError(f"{name} needs {what}: call update(grads, state, params, {key}=batch) "
+                     "(a tuple of the positional arguments of the loss function after params).")
+  return batch if isinstance(batch, tuple) else (batch,)
+
+
+def check_task_losses_fn(name: str, loss_fn, params: Any, batch: tuple, m: int):
+  """Trace-time check that ``loss_fn(params, *batch)`` returns the ``(m,)`` task losses."""
+  out = jax.eval_shape(lambda p, b: loss_fn(p, *b), params, batch)
+  if getattr(out, "shape", None) != (m,):
+    raise ValueError(f"{name}: the loss function must return the ({m},) task losses, got "
+                     f"{getattr(out, 'shape', out)}.")
+
+
+def stacked_leaves(name: str, grads: Any) -> list:
+  """The leaves of stacked per-task gradients; factored Jacobians are refused."""
+  base.note_reads_rows()
+  if isinstance(grads, jacobian.FactoredJacobian):
+    raise TypeError(f"{name} needs the stacked per-task gradients of mo.task_grads (it "
+                    "takes inner products with other gradients); got a FactoredJacobian.")
+  return jax.tree_util.tree_leaves(grads)

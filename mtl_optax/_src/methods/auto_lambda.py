@@ -25,6 +25,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import linalg
+from mtl_optax._src.methods import _common
 from mtl_optax._src.methods._common import require_num_tasks
 from mtl_optax._src.methods._common import state_dtype
 
@@ -176,6 +177,7 @@ def auto_lambda(val_loss_fn: Callable[..., jax.Array],
       raise TypeError("auto_lambda: state must come from this transformation's init.")
     val_batch = extra.pop("val_batch")
     val_batch = val_batch if isinstance(val_batch, tuple) else (val_batch,)
+    _common.stacked_leaves("auto_lambda", updates)
     m = base.num_tasks_of(updates, "auto_lambda")
     if m != m_init:
       raise ValueError(f"auto_lambda: the gradients have m={m} tasks but num_tasks={m_init}.")
