@@ -77,6 +77,10 @@ def _entries():
       "moco": lambda: Entry(lambda m: mo.moco(num_tasks=m), weighted=False),
       "db_mtl": lambda: Entry(lambda m: mo.db_mtl(num_tasks=m), weighted=False),
       "excess_mtl": lambda: Entry(lambda m: mo.excess_mtl(num_tasks=m)),
+      "cosmos": lambda: Entry(lambda m: mo.cosmos(num_tasks=m)),
+      "pbi": lambda: Entry(lambda m: mo.pbi(num_tasks=m)),
+      "conicgrad": lambda: Entry(lambda m: mo.conicgrad(num_tasks=m)),
+      "cr_mogm": lambda: Entry(lambda m: mo.cr_mogm(mo.mgda(), num_tasks=m)),
   }
   for name, make in optional.items():
     if _get(name) is not None:
@@ -88,4 +92,5 @@ ENTRIES = _entries()
 
 # Public factories deliberately not in ENTRIES (need several batches, a model or
 # another aggregator): they have their own tests.
-NOT_GENERIC = {"flat", "rotograd", "auto_lambda", "sdmgrad", "modo", "task_perturbation"}
+NOT_GENERIC = {"flat", "rotograd", "auto_lambda", "sdmgrad", "modo", "task_perturbation",
+               "ngdiff", "grouped", "group_diagnostics"}  # ngdiff: exactly two tasks
