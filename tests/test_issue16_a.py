@@ -244,9 +244,9 @@ class ConicGrad(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_agrees_with_a_slsqp_solve_of_the_cone_problem(self):
     with x64():
-      for seed, (m, n), c in [(0, (2, 5), 0.5), (1, (3, 7), 0.5), (2, (3, 7), 0.9),
-                              (3, (4, 8), 0.3), (4, (4, 8), 0.95)]:
-        j = P.normal_matrix(m, n, seed=seed) + 0.5  # a shared component: mixed cases
+      # One shape and two cone angles: four programs in all (compilation dominates).
+      for seed, c in [(1, 0.5), (2, 0.5), (3, 0.9), (4, 0.9)]:
+        j = P.normal_matrix(3, 6, seed=seed) + 0.5  # a shared component: both cases occur
         d, state = one_step(mo.conicgrad(c=c), jnp.asarray(j), variant=self.variant)
         d_ref, t_ref = conic_ref(j, c)
         g0 = j.mean(0)
@@ -265,18 +265,16 @@ class ConicGrad(chex.TestCase):
     np.testing.assert_allclose(d, np.sqrt(3) * np.array([0, 1, 1]) / np.sqrt(2), atol=1e-5)
     d, _ = P.aggregate(mo.conicgrad(c=1.0), j)   # c = 1: the mean gradient
     np.testing.assert_allclose(d, j.mean(0), rtol=1e-5, atol=1e-6)
-    tx = mo.conicgrad(num_tasks=3)
-    for _, mat in P.typical_matrices()[:5]:
-      if mat.shape[0] != 3:
-        continue
+    tx = mo.conicgrad(num_tasks=3)   # one instance, one (3, 6) shape: one compilation
+    for mat in (P.normal_matrix(3, 6, seed=2), P.normal_matrix(3, 6, rank=1, seed=4)):
       P.assert_weighted(tx, mat)
       P.assert_permutation_invariant(tx, mat, rtol=1e-4, atol=1e-5)
       d1, _ = P.aggregate(tx, mat)
       d2, _ = P.aggregate(tx, 7.0 * mat)            # positively homogeneous
-      np.testing.assert_allclose(d2, 7.0 * d1, rtol=1e-4, atol=1e-5)
-    for _, mat in P.scaled_matrices()[::2]:   # 0, 1e3, 1e10
+      np.testing.assert_allclose(d2, 7.0 * d1, atol=1e-4 * np.max(np.abs(7.0 * d1)))
+    for _, mat in P.scaled_matrices():
       P.assert_structure(tx, mat)
-    d, _ = P.aggregate(mo.conicgrad(), np.zeros((3, 4)))
+    d, _ = P.aggregate(tx, np.zeros((3, 6)))
     np.testing.assert_array_equal(d, 0.0)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
       mo.conicgrad(c=0.0)
@@ -321,8 +319,6 @@ class NGDiff(chex.TestCase):
                        optax.scale(-1.0))
       theta = jnp.asarray(rng.standard_normal(3))
       state = tx.init(theta)
-      step = jax.jit(lambda p, s: tx.update(*reversed(mo.task_grads(loss_fn, p)), s, p))
-
       def task_grads_and_losses(p):
         losses, grads = mo.task_grads(loss_fn, p)
         return grads, losses
@@ -330,6 +326,7 @@ class NGDiff(chex.TestCase):
       step = jax.jit(lambda p, s: (lambda gl: tx.update(gl[0], s, p, losses=gl[1]))(
           task_grads_and_losses(p)))
       th, eta = np.asarray(theta), eta0
+      d_prev = w_prev = None
       for t in range(4):
         upd, state = step(theta, state)
         # Reference: d_t = g_R/‖g_R‖ − g_F/‖g_F‖ at θ_t; η from the previous step.

@@ -127,7 +127,8 @@ def grouped(aggregator, groups: Groups = "layer", *, task_specific=None):
     return heads, ids, labels
 
   def sub(treedef, leaves, ids, k):
-    return jax.tree_util.tree_unflatten(treedef, [l if g == k else None for l, g in zip(leaves, ids)])
+    return jax.tree_util.tree_unflatten(treedef,
+                                        [l if g == k else None for l, g in zip(leaves, ids)])
 
   def init_fn(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)

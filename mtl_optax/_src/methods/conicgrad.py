@@ -1,4 +1,4 @@
-"""ConicGrad: the best worst-task update inside a cone around the mean gradient (Hassanpour et al., 2025)."""
+"""ConicGrad: the best worst-task update in a cone around the mean gradient (Hassanpour et al., 2025)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src.methods import cagrad as cagrad_lib
+
 
 def _rim_dual(gram, lin, k, max_iters, tol, line_search_iters):
   """min_{w∈Δ} φ(w) = lᵀw + k √(wᵀQw) by pairwise Frank–Wolfe, polished on the support.
@@ -146,8 +147,11 @@ def conicgrad(c: float = 0.5, *, max_iters: int = 250, tol: float = 1e-7,
   around the average gradient, closed-form direction for given dual weights,
   magnitude normalised to ‖g₀‖), with the unit directions convexified into
   K, and solved exactly: the MGDA direction when it lies in the cone, else
-  the dual of the boundary problem by Frank–Wolfe and a closed-form polish. The paper's own solver for the dual
-  weights and its exact magnitude rule may differ.
+  the dual of the boundary problem by Frank–Wolfe and a closed-form polish.
+  The paper's own solver for the dual weights and its exact magnitude rule
+  may differ. Near Pareto-stationary points with a small c the boundary dual
+  is ill-conditioned: Frank–Wolfe may stop at its budget (see ``residual``);
+  the direction is still in the cone (up to float32 round-off).
 
   Args:
     c: cosine of the cone's half-angle, in (0, 1] (default 0.5, i.e. 60°;

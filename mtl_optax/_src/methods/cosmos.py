@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax.numpy as jnp
-
 from mtl_optax._src import base
 from mtl_optax._src import linalg
 from mtl_optax._src.methods._common import check_preference

@@ -121,7 +121,8 @@ def ngdiff(*, ascend_forget: bool = True, auto_lr: bool = False, learning_rate: 
                             has_prev=jnp.ones((), bool))
     # Heads step by η too (their own gradient, or w when weight_heads).
     head_w = None if weight_heads else jnp.full((2,), new_eta, w.dtype)
-    return base.RuleOutput(state=new_state, weights=new_eta.astype(w.dtype) * w, head_weights=head_w,
+    return base.RuleOutput(state=new_state, weights=new_eta.astype(w.dtype) * w,
+                           head_weights=head_w,
                            diagnostics={"learning_rate": new_eta,
                                         "curvature": jnp.where(st.has_prev, curv, 0.0)})
 
