@@ -104,8 +104,12 @@ def conicgrad_direction(gram, c: float, max_iters: int = 250, tol: float = 1e-7,
   a = w @ gu * linalg.safe_div(1.0, n0)
   # ‖P⊥g_w‖ from the rows themselves (not from Q, whose subtraction cancels).
   p = w - a * u0
-  b = jnp.sqrt(jnp.maximum(p @ gram @ p, 0.0) + (smoothing * top) ** 2)
-  alpha_rim = c * u0 + s * linalg.safe_div(p, b)
+  b_raw = jnp.sqrt(jnp.maximum(p @ gram @ p, 0.0))
+  b = jnp.sqrt(b_raw * b_raw + (smoothing * top) ** 2)
+  # Every g_w parallel to g₀ up to round-off (e.g. a rank-one Jacobian): each e is
+  # equally good and P⊥g_w is noise; take e = 0, i.e. d̂ = c ĝ₀ (the direction of g₀).
+  noise = 10.0 * jnp.sqrt(m * jnp.finfo(dtype).eps) * top
+  alpha_rim = jnp.where(b_raw > noise, c * u0 + s * linalg.safe_div(p, b), c * u0)
   alpha = jnp.where(inside, linalg.safe_div(mn.x, v_mn), alpha_rim)
   result = linalg.SolverResult(jnp.where(inside, mn.x, w),
                                jnp.where(inside, mn.residual, rim.residual),
