@@ -75,6 +75,11 @@ REGISTRY: dict[str, Spec] = {
     "moco": _s("moco", "MoCo"),
     "db_mtl": _s("db_mtl", "DB-MTL"),
     "excess_mtl": _s("excess_mtl", "ExcessMTL"),
+    "cosmos": _s("cosmos", "COSMOS", gradient_based=False),
+    "pbi": _s("pbi", "PBI", gradient_based=False),
+    "conicgrad": _s("conicgrad", "ConicGrad"),
+    # Two tasks only; both minimised here (no forget task): the normalised gradient sum.
+    "ngdiff": _s("ngdiff", "NGDiff", ascend_forget=False),
 }
 
 # Public factories the generic harness does not run: they need a weight vector
@@ -86,7 +91,7 @@ EXCLUDED = {
     "make_aggregator", "make_train_step", "make_nnx_train_step", "task_grads",
     "representation_grads", "representation_update", "aggregator_info", "diagnostics",
     "task_weights", "multi_batch_task_grads", "rotograd_rotation_loss", "rotograd_rotations",
-    "rotograd_update",
+    "rotograd_update", "cr_mogm", "grouped", "group_diagnostics",
 }
 
 # The flat-vs-vanilla comparison of Phan et al. (Table 1).

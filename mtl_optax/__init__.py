@@ -37,6 +37,8 @@ from mtl_optax._src.methods.scalarization import mean
 from mtl_optax._src.methods.scalarization import sum  # pylint: disable=redefined-builtin
 from mtl_optax._src.methods.scale_invariant import scale_invariant
 from mtl_optax._src.methods.stch import stch
+from mtl_optax._src.methods.cosmos import cosmos
+from mtl_optax._src.methods.pbi import pbi
 from mtl_optax._src.methods.uncertainty_weighting import uncertainty_weighting
 
 # --- gradient aggregators (§B) -----------------------------------------------
@@ -69,6 +71,11 @@ from mtl_optax._src.methods.sdmgrad import multi_batch_task_grads
 from mtl_optax._src.methods.sdmgrad import sdmgrad
 from mtl_optax._src.methods.trimmed_mean import trimmed_mean
 from mtl_optax._src.methods.upgrad import upgrad
+from mtl_optax._src.methods.conicgrad import conicgrad
+from mtl_optax._src.methods.cr_mogm import cr_mogm
+from mtl_optax._src.methods.ngdiff import ngdiff
+from mtl_optax._src.grouped import group_diagnostics
+from mtl_optax._src.grouped import grouped
 
 # --- sharpness-aware MTL (§C) ------------------------------------------------
 from mtl_optax._src.flat import flat

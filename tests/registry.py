@@ -79,6 +79,10 @@ def _entries():
       "excess_mtl": lambda: Entry(lambda m: mo.excess_mtl(num_tasks=m)),
       "go4align": lambda: Entry(lambda m: mo.go4align(num_groups=min(2, m), num_tasks=m)),
       "ldc_mtl": lambda: Entry(lambda m: mo.ldc_mtl(num_tasks=m)),
+      "cosmos": lambda: Entry(lambda m: mo.cosmos(num_tasks=m)),
+      "pbi": lambda: Entry(lambda m: mo.pbi(num_tasks=m)),
+      "conicgrad": lambda: Entry(lambda m: mo.conicgrad(num_tasks=m)),
+      "cr_mogm": lambda: Entry(lambda m: mo.cr_mogm(mo.mgda(), num_tasks=m)),
   }
   for name, make in optional.items():
     if _get(name) is not None:
@@ -91,4 +95,5 @@ ENTRIES = _entries()
 # Public factories deliberately not in ENTRIES (need several batches, a model or
 # another aggregator): they have their own tests.
 NOT_GENERIC = {"flat", "rotograd", "auto_lambda", "sdmgrad", "modo", "task_perturbation",
-               "moml", "forum"}
+               "moml", "forum",
+               "ngdiff", "grouped", "group_diagnostics"}  # ngdiff: exactly two tasks

@@ -1,4 +1,4 @@
-"""Small helpers shared by the stateful methods (private)."""
+"""Small helpers shared by the stateful and the preference-based methods (private)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_optax._src import base
 from mtl_optax._src import jacobian
@@ -68,3 +69,46 @@ def stacked_leaves(name: str, grads: Any) -> list:
     raise TypeError(f"{name} needs the stacked per-task gradients of mo.task_grads (it "
                     "takes inner products with other gradients); got a FactoredJacobian.")
   return jax.tree_util.tree_leaves(grads)
+def check_preference(name: str, preference: Any) -> Optional[np.ndarray]:
+  """Validates a fixed preference vector r (1-D, finite, ≥ 0, not all zero); None passes."""
+  if preference is None:
+    return None
+  r = np.asarray(preference, dtype=np.float64)
+  if r.ndim != 1 or r.size == 0 or not np.all(np.isfinite(r)) or np.any(r < 0) or not np.any(r > 0):
+    raise ValueError(
+        f"{name}: preference must be a non-empty 1-D vector of finite non-negative numbers, "
+        f"not all zero; got {preference!r}.")
+  return r
+
+
+def preference_for(name: str, fixed: Optional[np.ndarray], extra: dict, m: int, dtype) -> jax.Array:
+  """The preference r of this step: ``update(..., preference=r)``, else the fixed one, else 1/m.
+
+  Shapes are checked at trace time; the values of a traced ``preference=`` cannot
+  be, so a zero vector is handled by the callers (its direction is taken as 0).
+  """
+  r = extra.get("preference")
+  if r is None:
+    r = fixed if fixed is not None else np.full((m,), 1.0 / m)
+    if r.shape != (m,):
+      raise ValueError(
+          f"{name}: the preference has {r.shape[0]} entries but the gradients have m={m} tasks.")
+  r = jnp.asarray(r)
+  if r.shape != (m,):
+    raise ValueError(f"{name}: preference= must have shape ({m},), got {r.shape}.")
+  if not jnp.issubdtype(r.dtype, jnp.floating):
+    r = r.astype(dtype)
+  return r.astype(dtype)
+
+
+def unit_and_norm(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(v/‖v‖, ‖v‖) without overflow or underflow (v scaled by its largest entry first).
+
+  A zero vector gives (0, 0).
+  """
+  top = jnp.max(jnp.abs(v))
+  safe_top = jnp.where(top > 0, top, 1.0)
+  s = v / safe_top
+  n_s = jnp.sqrt(jnp.sum(s * s))
+  unit = jnp.where(top > 0, s / jnp.where(top > 0, n_s, 1.0), 0.0)
+  return unit, n_s * top
