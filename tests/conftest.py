@@ -13,6 +13,19 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# One compilation cache per test run, shared by the pytest-xdist workers: many
+# tests compile the same small programs (the same method at the same shapes in
+# several files), and the per-module cache release below would otherwise
+# recompile them. Keyed by the run, so every run starts cold (a fresh clone's
+# time is what we report) and nothing leaks between runs.
+if os.environ.get("MTL_OPTAX_TEST_CACHE", "1") == "1":
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+  _cache = os.path.join(tempfile.gettempdir(), f"mtl_optax_test_cache_{_run}")
+  jax.config.update("jax_compilation_cache_dir", _cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 try:
   from hypothesis import HealthCheck, settings  # noqa: E402
 
