@@ -5,7 +5,8 @@
 Uniform loss (``mean``) vs CAGrad vs F-CAGrad (when ``mo.flat`` exists) on
 CL_RR (classify the left digit, reconstruct the right one), against
 single-task baselines: 4 000 training composites, 4 epochs, one seed, Adam
-1e-3, the fast LeNet encoder, F-CAGrad with plain SAM (ρ = 0.05). A few minutes on a 2-core CPU. The full
+1e-3, the fast LeNet encoder, F-CAGrad with plain SAM (ρ = 0.05). A few minutes on a 2-core CPU.
+The full
 protocol (learning-rate grid, several seeds, every method, tuned linear
 scalarisation, fixed weights) is ``python -m benchmarks.multimnist``; see
 benchmarks/README.md.
