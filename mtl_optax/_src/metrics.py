@@ -120,11 +120,12 @@ def delta_m(values, baselines, lower_is_better: Direction, *, per_task: bool = F
   Raises:
     ValueError: a baseline is missing or zero.
 
-  Example::
-
-    delta_m({"CL": {"acc": 0.95}, "RR": {"mse": 0.012}},
-            {"CL": {"acc": 0.96}, "RR": {"mse": 0.010}},
-            {"acc": False, "mse": True})   # ((0.95-0.96)/0.96 - (0.012-0.01)/0.01)/2*100
+  Example:
+    >>> # ((0.95 - 0.96) / 0.96 - (0.012 - 0.010) / 0.010) / 2 * 100
+    >>> round(delta_m({"CL": {"acc": 0.95}, "RR": {"mse": 0.012}},
+    ...               {"CL": {"acc": 0.96}, "RR": {"mse": 0.010}},
+    ...               {"acc": False, "mse": True}), 4)
+    -10.5208
   """
   vals = _as_task_dict(values, "values")
   base_ = _as_task_dict(baselines, "baselines")
