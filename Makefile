@@ -6,8 +6,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= $(shell bash tools/find_python.sh)
 HASH := $(shell cat pyproject.toml | md5sum | cut -c1-8)
 STAMP := $(VENV)/.installed-$(HASH)
-DOCS_STAMP := $(VENV)/.installed-docs-$(HASH)
-LINT_STAMP := $(VENV)/.installed-lint-$(HASH)
+CHECKS_STAMP := $(VENV)/.installed-checks-$(HASH)
 
 .PHONY: demo test venv bench clean docs lint typecheck wheel
 
@@ -28,26 +27,22 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# Extras for the checks below, installed once per pyproject.toml version.
-$(DOCS_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[docs]"
+# The extras of the checks below (one install for all four), once per pyproject.toml version.
+$(CHECKS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs,lint]"
 	@touch $@
 
-$(LINT_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[lint]"
-	@touch $@
-
-docs: $(DOCS_STAMP)
+docs: $(CHECKS_STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs: docs/_build/html/index.html"
 
-lint: $(LINT_STAMP)
+lint: $(CHECKS_STAMP)
 	$(PY) -m ruff check mtl_optax tests benchmarks examples tools docs/conf.py
 
-typecheck: $(LINT_STAMP)
+typecheck: $(CHECKS_STAMP)
 	$(PY) -m mypy
 
-wheel: $(LINT_STAMP)
+wheel: $(CHECKS_STAMP)
 	PYTHON=$(PYTHON) bash tools/check_wheel.sh
 
 clean:
