@@ -33,7 +33,7 @@ $(CHECKS_STAMP): $(STAMP)
 	@touch $@
 
 docs: $(CHECKS_STAMP)
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs: docs/_build/html/index.html"
 
 lint: $(CHECKS_STAMP)
