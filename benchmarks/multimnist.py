@@ -46,7 +46,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +165,9 @@ class Trainer:
       (params, opt_state, model_state), (losses, w, inter) = jax.lax.scan(
           lambda c, i: body(tx, ep, c, i, images, targets), (params, opt_state, model_state),
           perm)
-      return params, opt_state, model_state, {"loss": losses.mean(0), "weights": w.mean(0),
-                                 "interference": inter.mean(), "finite": jnp.all(jnp.isfinite(losses))}
+      return params, opt_state, model_state, {
+          "loss": losses.mean(0), "weights": w.mean(0), "interference": inter.mean(),
+          "finite": jnp.all(jnp.isfinite(losses))}
 
     def evaluate(params, model_state, images, targets):
       n = images.shape[0]
@@ -504,7 +505,7 @@ def format_table(results) -> str:
   lines.append(row)
   rows = [(k, v) for k, v in results["methods"].items() if "error" not in v]
   rows.sort(key=lambda kv: -kv[1]["delta_m_mean"])
-  for k, v in rows:
+  for _, v in rows:
     row = f"{v['label'][:27]:<28}"
     for i in range(len(names)):
       row += f"{v['test_mean'][i]:>9.4f}±{v['test_std'][i]:<6.4f}"
@@ -522,7 +523,7 @@ def format_table(results) -> str:
       row += f"{'-':>16}"
     row += f"{v['lr']:>8.0e}"
     lines.append(row)
-  for k, v in results["methods"].items():
+  for v in results["methods"].values():
     if "error" in v:
       lines.append(f"{v['label'][:27]:<28}FAILED: {v['error'][:100]}")
   return "\n".join(lines)

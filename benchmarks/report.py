@@ -136,7 +136,7 @@ def fixed_table(res):
   lines = ["| source method | method Δm% | fixed weights (seed 0) | fixed-weight Δm% | "
            "fixed − method (paired) |", "|---|---|---|---|---|"]
   n = 0
-  for k, v in res["methods"].items():
+  for v in res["methods"].values():
     src = v.get("source") if isinstance(v, dict) else None
     if not src or "error" in v or src not in res["methods"]:
       continue

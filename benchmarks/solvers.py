@@ -201,7 +201,8 @@ def main(argv=None) -> dict:
         row["jax_residual"] = nash_residual(gram, a)
         row["peer_residual"] = nash_residual(gram, b)
       if name == "fairgrad":   # max_i |w_i^{1/α} (Gw)_i − 1|
-        res = lambda w: float(np.max(np.abs(w ** (1 / FAIRGRAD_ALPHA) * (gram @ w) - 1.0)))
+        res = lambda w, gram=gram: float(
+            np.max(np.abs(w ** (1 / FAIRGRAD_ALPHA) * (gram @ w) - 1.0)))
         row["jax_residual"], row["peer_residual"] = res(a), res(b)
       if name == "cagrad":     # the dual objective F(w) (lower is better)
         row["jax_objective"] = cagrad_objective(gram, a)

@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -186,7 +185,8 @@ def bench_engine(task_counts, repeats):
     print(f"engine m={m:3d}: plain {row['plain_ms']:.1f} ms | jacrev {row['jacrev_vs_plain']:.2f}x "
           f"(vs 1F+mB {row['jacrev_vs_1f_mb']:.2f}x; vmapped {row['jacrev_vmapped_vs_1f_mb']:.2f}x)"
           f" | vmap {row['vmap_vs_plain']:.2f}x | "
-          f"chunk4 {row['jacrev_chunk4_vs_plain']:.2f}x | repr {row['representation_vs_plain']:.2f}x"
+          f"chunk4 {row['jacrev_chunk4_vs_plain']:.2f}x | "
+          f"repr {row['representation_vs_plain']:.2f}x"
           f" | temp MB plain {row['plain_temp_mb']:.0f} jacrev {row['jacrev_temp_mb']:.0f} "
           f"chunk4 {row['jacrev_chunk4_temp_mb']:.0f} vmapped {row['jacrev_vmapped_temp_mb']:.0f}"
           f" | out MB plain {row['plain_out_mb']:.0f} jacrev {row['jacrev_out_mb']:.0f}"
@@ -215,7 +215,7 @@ def bench_aggregators(task_counts, sizes, repeats):
         if factory is None:
           continue
         tx = factory(num_tasks=m)
-        fn = jax.jit(lambda g, s, l, tx=tx: tx.update(g, s, params, losses=l))
+        fn = jax.jit(lambda g, s, l, tx=tx, params=params: tx.update(g, s, params, losses=l))
         calls[name] = (fn, (g, tx.init(params), losses))
       times = timeit_interleaved(calls, repeats=repeats)
       row = {"m": m, "P": int(p_size)}

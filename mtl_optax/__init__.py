@@ -1,9 +1,11 @@
 """mtl_optax: multi-task learning optimisers as pure optax transformations.
 
-    import mtl_optax as mo
-    losses, grads = mo.task_grads(loss_fn, params, batch)   # stacked, leading task axis
-    tx = optax.chain(mo.cagrad(c=0.4), optax.adam(1e-3))
-    updates, state = tx.update(grads, state, params, losses=losses)
+Usage::
+
+  import mtl_optax as mo
+  losses, grads = mo.task_grads(loss_fn, params, batch)   # stacked, leading task axis
+  tx = optax.chain(mo.cagrad(c=0.4), optax.adam(1e-3))
+  updates, state = tx.update(grads, state, params, losses=losses)
 """
 
 # --- core protocol -----------------------------------------------------------
@@ -88,4 +90,4 @@ from mtl_optax._src import distributed
 from mtl_optax._src.training import make_nnx_train_step
 from mtl_optax._src.training import make_train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

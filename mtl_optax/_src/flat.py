@@ -290,5 +290,5 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
     # (no task losses there).
     return {k: v for k, v in kwargs.items() if k != "losses"}
 
-  update_fn.mtl_info = info
+  update_fn.mtl_info = info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -175,7 +175,7 @@ class FactoredJacobian:
           preferred_element_type=linalg.accumulation_dtype(delta.dtype))
       block = 0.5 * (block + block.T)
       g = block if g is None else g + block.astype(g.dtype)
-    return g
+    return g  # type: ignore[return-value]  # callers pass at least one leaf
 
   def combine(self, weights: Array, l: int) -> Array:
     """Σ_i w_i g_i for leaf ``l`` (no task axis)."""

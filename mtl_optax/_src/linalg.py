@@ -604,7 +604,7 @@ def _nonneg_qp(quad: Array, lin: Array, *, max_iters: int | None = None,
 
 
 def lower_bounded_qp(quad: Array, lower: Array, **kwargs) -> SolverResult:
-  """``v = argmin_v vᵀQv  s.t.  v ≥ u`` (the dual-cone projection weights).
+  """``v = argmin_v vᵀQv`` subject to ``v ≥ u`` (the dual-cone projection weights).
 
   With Q = JJᵀ, Jᵀv is the projection of Jᵀu onto the dual cone
   {d : Jd ≥ 0} of the rows of J (Quinton & Rey 2024, Prop. 1). KKT
@@ -883,7 +883,6 @@ def _dual_cone_weights(row_gram: Array, log2_row_scales: Array, lowers: Array, *
   ridge = 4.0 * math.sqrt(eps) if ridge is None else ridge
   lowers = jnp.maximum(lowers.astype(dtype), 0.0)
   nz, log2_n, cos = _unit_rows(row_gram, log2_row_scales)
-  eye = jnp.eye(m, dtype=dtype)
   top_n = jnp.max(jnp.where(nz, log2_n, -jnp.inf))
   top_n = jnp.where(jnp.isfinite(top_n), top_n, 0.0)
   log2_trace = 2.0 * top_n + jnp.log2(jnp.sum(jnp.where(nz, jnp.exp2(2.0 * (log2_n - top_n)), 0.0)))

@@ -24,7 +24,7 @@ inside a jitted training step.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -120,11 +120,12 @@ def delta_m(values, baselines, lower_is_better: Direction, *, per_task: bool = F
   Raises:
     ValueError: a baseline is missing or zero.
 
-  Example::
-
-    delta_m({"CL": {"acc": 0.95}, "RR": {"mse": 0.012}},
-            {"CL": {"acc": 0.96}, "RR": {"mse": 0.010}},
-            {"acc": False, "mse": True})   # ((0.95-0.96)/0.96 - (0.012-0.01)/0.01)/2*100
+  Example:
+    >>> # ((0.95 - 0.96) / 0.96 - (0.012 - 0.010) / 0.010) / 2 * 100
+    >>> round(delta_m({"CL": {"acc": 0.95}, "RR": {"mse": 0.012}},
+    ...               {"CL": {"acc": 0.96}, "RR": {"mse": 0.010}},
+    ...               {"acc": False, "mse": True}), 4)
+    -10.5208
   """
   vals = _as_task_dict(values, "values")
   base_ = _as_task_dict(baselines, "baselines")
@@ -213,7 +214,8 @@ def mean_rank(table: Mapping[str, Mapping], lower_is_better: Direction) -> dict:
   return {meth: float(r) for meth, r in zip(methods, ranks.mean(axis=1))}
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: Union[Sequence[float], np.ndarray],
+             y: Union[Sequence[float], np.ndarray]) -> float:
   """Spearman's rank correlation of two paired samples (ties averaged).
 
   The Pearson correlation of the ranks; NaN if either sample is constant.
@@ -320,7 +322,8 @@ def fixed_weights(weight_history, beta: float = 0.9, *, normalize: bool = False)
   """
   if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
     raise ValueError(f"fixed_weights: beta must be in [0, 1), got {beta!r}.")
-  if isinstance(weight_history, (list, tuple)) and weight_history and np.ndim(weight_history[0]) == 2:
+  if (isinstance(weight_history, (list, tuple)) and weight_history
+      and np.ndim(weight_history[0]) == 2):
     per_epoch = np.stack([np.asarray(w, np.float64).mean(axis=0) for w in weight_history])
   else:
     arr = np.asarray(weight_history, dtype=np.float64)

@@ -202,7 +202,7 @@ def task_perturbation(
         out[k] = (t2g[k].astype(acc) * c).astype(leaves[k].dtype)
     return jax.tree_util.tree_unflatten(treedef, out), state
 
-  update_fn.mtl_perturbation = info
+  update_fn.mtl_perturbation = info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -499,7 +499,8 @@ def sharpness(
   from the loss gradients g_i at θ, T = |θ| if ``adaptive`` else 1),
 
       S_i = L_i(θ + ε_i) − L_i(θ),
-      ε_sh^i = ρ_sh · T² g_sh^i / (‖T g_sh^i‖ + eps),   ε_ns^i = ρ_ns · T² g_ns^i / (‖T g_ns^i‖ + eps),
+      ε_sh^i = ρ_sh · T² g_sh^i / (‖T g_sh^i‖ + eps),
+      ε_ns^i = ρ_ns · T² g_ns^i / (‖T g_ns^i‖ + eps),
 
   i.e. the first-order worst-case loss increase of task i inside its
   perturbation ball: the sharpness the flat method minimises and the FS-MTL
@@ -565,7 +566,8 @@ def sharpness(
   chunk_size = task_grads_lib.resolve_chunk_size(
       chunk_size, "sharpness", task_grads_lib.loss_jaxpr(loss_fn, params, args, kwargs))
   if rhos is None:
-    pert = task_perturbation(rho_shared, rho_task, adaptive=adaptive,
+    pert = task_perturbation(rho_shared, rho_task,  # type: ignore[arg-type]  # set above
+                             adaptive=adaptive,
                              task_specific=task_specific, eps=eps, norm=norm)
   else:
     rho_arr = jnp.atleast_1d(jnp.asarray(rhos))

@@ -284,8 +284,8 @@ def representation_update(
     aggregator: an mtl_optax aggregator (built with the default all-shared
       partition: z has no head leaves).
     state: its state.
-    trunk_fn, heads_loss_fn, trunk_params, head_params, trunk_args, head_args,
-      chunk_size: as in :func:`representation_grads`.
+    trunk_fn, heads_loss_fn, trunk_params, head_params, trunk_args, head_args, chunk_size: as
+      in :func:`representation_grads`.
     allow_invalid: run a method whose representation variant is not
       established (at your own risk).
     **extra: extra arguments for the aggregator (``losses`` are passed

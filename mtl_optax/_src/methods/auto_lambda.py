@@ -193,5 +193,5 @@ def auto_lambda(val_loss_fn: Callable[..., jax.Array],
     extra[_META_GRAD] = meta_grad
     return tx.update(updates, state, params, **extra)
 
-  update_fn.mtl_info = tx.update.mtl_info
+  update_fn.mtl_info = tx.update.mtl_info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)

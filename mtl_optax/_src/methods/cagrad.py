@@ -79,7 +79,8 @@ def cagrad_dual(gram: jnp.ndarray, c: float, max_iters: int = 250, tol: float = 
     s = gb[t] - gb[a]                                      # dᵀGb
     r2 = jnp.maximum(c_ - linalg.safe_div(b_ * b_, a_), 0.0)
     disc = k * k * a_ - s * s
-    u = -jnp.sign(s) * jnp.abs(s) * jnp.sqrt(r2) * linalg.safe_div(1.0, jnp.sqrt(jnp.maximum(a_ * disc, 0.0)))
+    u = (-jnp.sign(s) * jnp.abs(s) * jnp.sqrt(r2)
+         * linalg.safe_div(1.0, jnp.sqrt(jnp.maximum(a_ * disc, 0.0))))
     interior = (disc > 0) & (a_ > linalg.TINY)
     to_end = jnp.where(s < 0, jnp.inf, 0.0)
     return jnp.where(interior, u - linalg.safe_div(b_, a_), to_end)

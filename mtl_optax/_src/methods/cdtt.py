@@ -109,7 +109,8 @@ def cdtt(alpha: float = 0.2, window: int = 10, *, max_iters: Optional[int] = Non
     (arXiv 2505.10347, ``optimizers/task_tensioners.py``).
   """
   name = "cdtt"
-  if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha < math.inf):
+  if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+          and 0 <= alpha < math.inf):
     raise ValueError(f"{name}: alpha must be a finite non-negative number, got {alpha!r}.")
   if isinstance(window, bool) or not isinstance(window, int) or window < 1:
     raise ValueError(f"{name}: window must be a positive int, got {window!r}.")

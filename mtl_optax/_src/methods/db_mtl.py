@@ -88,7 +88,7 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, *, eps: float = 1e-8,
     top = jnp.max(norms)
     unit = linalg.safe_div(jnp.ones_like(r_norms), r_norms)  # b_i / ‖b_i‖ = r_i / ‖r_i‖
     update = []
-    for b, g in zip(buffer, view.shared):
+    for b in buffer:
       shape = (m,) + (1,) * (b.ndim - 1)
       rows = b / scales.astype(b.dtype).reshape(shape) * unit.astype(b.dtype).reshape(shape)
       update.append(top.astype(b.dtype) * jnp.sum(rows, axis=0))

@@ -46,7 +46,7 @@ class EpochLosses(NamedTuple):
   epoch: Array
   completed: Array
   steps: Array
-  count: Array
+  count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count
   running_mean: Array
   last_mean: Array
   prev_mean: Array

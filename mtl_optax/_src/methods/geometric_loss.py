@@ -38,7 +38,8 @@ def geometric_loss(*, eps: float = 1e-8, task_specific=None, weight_heads: Optio
     m = view.num_tasks
     log_l = jnp.log(jnp.maximum(view.losses.astype(view.gram.dtype), eps))
     w = jnp.exp(jnp.mean(log_l) - log_l) / m
-    return base.RuleOutput(state=inner, weights=w, diagnostics={"geometric_mean": jnp.exp(jnp.mean(log_l))})
+    return base.RuleOutput(state=inner, weights=w,
+                           diagnostics={"geometric_mean": jnp.exp(jnp.mean(log_l))})
 
   return base.make_aggregator(rule, info, task_specific=task_specific, weight_heads=weight_heads,
                               num_tasks=num_tasks, nonfinite=nonfinite)

@@ -98,9 +98,11 @@ def graddrop(leak: Union[float, Sequence[float]] = 0.0, *, purity_fn: Optional[C
   """
   leak_arr = np.asarray(leak, dtype=np.float64)
   if leak_arr.ndim > 1 or not np.all((leak_arr >= 0) & (leak_arr <= 1)):
-    raise ValueError(f"graddrop: leak must be a float or a sequence of floats in [0, 1], got {leak!r}.")
+    raise ValueError(
+        f"graddrop: leak must be a float or a sequence of floats in [0, 1], got {leak!r}.")
   if batch_axis is not None and (not isinstance(batch_axis, int) or batch_axis < 0):
-    raise ValueError(f"graddrop: batch_axis must be a non-negative int or None, got {batch_axis!r}.")
+    raise ValueError(
+        f"graddrop: batch_axis must be a non-negative int or None, got {batch_axis!r}.")
   if purity_fn is not None and not callable(purity_fn):
     raise ValueError(f"graddrop: purity_fn must be callable, got {purity_fn!r}.")
   info = base.AggregatorInfo(name="graddrop", weighted=False, stochastic=True,

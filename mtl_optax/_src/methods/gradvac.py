@@ -81,7 +81,8 @@ def _group_ids(group: Group, stacked_shared_paths: list) -> tuple[list[int], int
     return [0] * len(stacked_shared_paths), 1
   if group == "leaf":
     return list(range(len(stacked_shared_paths))), len(stacked_shared_paths)
-  labels = [group(path, spec) for path, spec in stacked_shared_paths]
+  labels = [group(path, spec)  # type: ignore[operator]  # the strings are handled above
+            for path, spec in stacked_shared_paths]
   uniq = []
   for lab in labels:
     if lab not in uniq:

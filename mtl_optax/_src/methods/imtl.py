@@ -110,7 +110,7 @@ def imtl(variant: str = "gradient", *, init_log_scale: float = 0.0,
     s = jnp.full((m,), init_log_scale, state_dtype(params))
     return IMTLLossScaleState(s, opt.init(s))
 
-  def rule(view, st):
+  def scaled_rule(view, st):
     s = st.log_scales
     losses = view.losses.astype(s.dtype)
     scales = jnp.exp(s)
@@ -129,6 +129,6 @@ def imtl(variant: str = "gradient", *, init_log_scale: float = 0.0,
     return base.RuleOutput(state=new_state, weights=alpha * scales.astype(alpha.dtype),
                            head_weights=heads.astype(alpha.dtype), diagnostics=diag)
 
-  return base.make_aggregator(rule, info, init_inner=init_inner, task_specific=task_specific,
+  return base.make_aggregator(scaled_rule, info, init_inner=init_inner, task_specific=task_specific,
                               weight_heads=heads_scaled, num_tasks=num_tasks,
                               nonfinite=nonfinite)

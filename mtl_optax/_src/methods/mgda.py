@@ -41,20 +41,23 @@ def mgda(normalization: str = "none", *, max_iters: int | None = None, tol: floa
     task_specific, weight_heads, num_tasks, nonfinite: see
       :func:`mtl_optax.make_aggregator` (heads get their own gradient).
 
-  Example (MGDA-UB: MGDA on the per-task gradients ∂L_i/∂z of the shared
-  representation z, min-norm weights from their Gram matrix, then one
-  backward pass through the trunk with the combined cotangent)::
+  Example:
+    MGDA-UB: MGDA on the per-task gradients ∂L_i/∂z of the shared
+    representation z, min-norm weights from their Gram matrix, then one
+    backward pass through the trunk with the combined cotangent.
 
-    x, y = jnp.ones((8, 4)), jnp.zeros((8, 3))         # a batch; 3 tasks
-    trunk_params = {"w": 0.1 * jnp.ones((4, 16))}
-    head_params = {"a": 0.1 * jnp.ones((3, 16))}        # one linear head per task
-    trunk = lambda tp, x: jnp.tanh(x @ tp["w"])         # z = trunk(θ_sh, x)
-    heads_loss = lambda hp, z, y: jnp.mean((z @ hp["a"].T - y) ** 2, axis=0)
-    tx = mo.mgda()
-    losses, (trunk_update, head_update), state = mo.representation_update(
-        tx, tx.init(None), trunk, heads_loss, trunk_params, head_params,
-        trunk_args=(x,), head_args=(y,))
-    weights = mo.task_weights(state)                    # MGDA-UB's task weights
+    >>> x, y = jnp.ones((8, 4)), jnp.zeros((8, 3))        # a batch; 3 tasks
+    >>> trunk_params = {"w": 0.1 * jnp.ones((4, 16))}
+    >>> head_params = {"a": 0.1 * jnp.ones((3, 16))}       # one linear head per task
+    >>> trunk = lambda tp, x: jnp.tanh(x @ tp["w"])        # z = trunk(θ_sh, x)
+    >>> heads_loss = lambda hp, z, y: jnp.mean((z @ hp["a"].T - y) ** 2, axis=0)
+    >>> tx = mo.mgda()
+    >>> losses, (trunk_update, head_update), state = mo.representation_update(
+    ...     tx, tx.init(None), trunk, heads_loss, trunk_params, head_params,
+    ...     trunk_args=(x,), head_args=(y,))
+    >>> weights = mo.task_weights(state)                   # MGDA-UB's task weights
+    >>> weights.shape, trunk_update["w"].shape
+    ((3,), (4, 16))
 
   References:
     Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective

@@ -46,14 +46,17 @@ def normalized_rows(view: base.TaskGradients, factors: Optional[jax.Array]) -> l
   Uses the per-row power-of-two scales of ``view``, so rows of any magnitude
   are normalised without overflow; zero rows stay zero.
   """
-  acc = view.row_gram.dtype
-  r_norms = linalg.safe_norms(view.row_gram)
+  row_gram, row_scales = view.row_gram, view.row_scales
+  if row_gram is None or row_scales is None:
+    raise ValueError("normalized_rows: the view has no per-row scales.")
+  acc = row_gram.dtype
+  r_norms = linalg.safe_norms(row_gram)
   coef = linalg.safe_div(jnp.ones_like(r_norms) if factors is None else factors.astype(acc),
                          r_norms)
   out = []
   for leaf in view.shared:
     shape = (leaf.shape[0],) + (1,) * (leaf.ndim - 1)
-    rows = leaf.astype(jnp.promote_types(leaf.dtype, acc)) / view.row_scales.reshape(shape)
+    rows = leaf.astype(jnp.promote_types(leaf.dtype, acc)) / row_scales.reshape(shape)
     out.append(rows * coef.reshape(shape))
   return out
 
@@ -133,10 +136,12 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
       g_hat = list(view.shared)
     else:
       g_hat = normalized_rows(view, view.losses if normalization == "loss" else None)
-    y = [(yl - beta_k.astype(yl.dtype) * (yl - gl.astype(yl.dtype))) for yl, gl in zip(state.y, g_hat)]
+    y = [(yl - beta_k.astype(yl.dtype) * (yl - gl.astype(yl.dtype)))
+         for yl, gl in zip(state.y, g_hat)]
     gram = linalg.gram_matrix(y)
     lam_old = state.lam.astype(gram.dtype)
-    step = lam_old - gamma_k.astype(gram.dtype) * ((gram + rho * jnp.eye(m, dtype=gram.dtype)) @ lam_old)
+    step = lam_old - gamma_k.astype(gram.dtype) * (
+        (gram + rho * jnp.eye(m, dtype=gram.dtype)) @ lam_old)
     lam = jax.nn.softmax(step) if lambda_update == "softmax" else linalg.project_simplex(step)
     lam = jnp.where(jnp.all(jnp.isfinite(lam)), lam, lam_old)
     update = [linalg.combine(lam.astype(yl.dtype), yl) for yl in y]

@@ -58,7 +58,8 @@ def linear_scalarization(weights: Sequence[float], *, task_specific=None,
   """
   w = np.asarray(weights, dtype=np.float64)
   if w.ndim != 1 or not np.all(np.isfinite(w)):
-    raise ValueError(f"linear_scalarization: weights must be a finite 1-D sequence, got {weights!r}.")
+    raise ValueError(
+        f"linear_scalarization: weights must be a finite 1-D sequence, got {weights!r}.")
 
   def weights_of_m(m, dtype):
     if m != w.shape[0]:

@@ -79,14 +79,15 @@ def check_weight_grads(name: str, grads: Any, weight_grads: Any):
         "call update(grads, state, params, weight_grads=(grads_a, grads_b)), e.g. from "
         "mo.multi_batch_task_grads(loss_fn, params, [batch, batch_a, batch_b]).")
   if not isinstance(weight_grads, (tuple, list)) or len(weight_grads) != 2:
+    length = (f" of length {len(weight_grads)}" if isinstance(weight_grads, (tuple, list))
+              else "")
     raise ValueError(
         f"{name}: weight_grads must be a pair (grads_a, grads_b) of stacked per-task "
-        f"gradients, got {type(weight_grads).__name__}"
-        f"{' of length ' + str(len(weight_grads)) if isinstance(weight_grads, (tuple, list)) else ''}.")
+        f"gradients, got {type(weight_grads).__name__}{length}.")
   ref_def = jax.tree_util.tree_structure(grads)
   ref_shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(grads)]
   for k, wg in enumerate(weight_grads):
-    if jax.tree_util.tree_structure(wg) != ref_def or [
+    if jax.tree_util.tree_structure(wg) != ref_def or [  # type: ignore[operator]
         jnp.shape(x) for x in jax.tree_util.tree_leaves(wg)] != ref_shapes:
       raise ValueError(
           f"{name}: weight_grads[{k}] must have the structure and shapes of the stacked "
@@ -136,7 +137,7 @@ def with_multi_batch(tx, name: str, task_specific, heads: str):
         updates = jax.tree_util.tree_unflatten(treedef, leaves)
     return inner_update(updates, state, params, **extra)
 
-  update_fn.mtl_info = inner_update.mtl_info
+  update_fn.mtl_info = inner_update.mtl_info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
