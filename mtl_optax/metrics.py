@@ -1,6 +1,7 @@
-"""Multi-task evaluation metrics: Δm%, mean rank, interference, fixed weights, sharpness,
-calibration, weight-noise robustness and loss-landscape slices.
+"""Multi-task evaluation metrics: Δm%, mean rank, interference, sharpness, calibration, ...
 
+Δm%, mean rank, interference, fixed weights, sharpness, calibration, weight-noise
+robustness and loss-landscape slices.
 ``import mtl_optax as mo; mo.metrics.delta_m(...)``. See `mtl_optax._src.metrics`,
 `mtl_optax._src.sharpness` (``sharpness``: per-task L_i(θ + ε_i) − L_i(θ) and
 ‖g_i^SAM − g_i‖), `mtl_optax._src.calibration` (ECE, Brier score, NLL, predictive

@@ -132,7 +132,33 @@ def _check_checkpoint(ns):
   assert all(jax.tree.leaves(same)), "the checkpoint did not round-trip"
 
 
+def _metrics(tmp_path):
+  del tmp_path
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (8, 3))
+  y = jnp.stack([x[:, 0], -x[:, 1]], axis=1)                  # (N, m)
+  params = {"w": 0.3 * jax.random.normal(key, (3, 4)), "heads": 0.3 * jnp.ones((2, 4))}
+
+  def loss_fn(p, x, y):
+    z = jnp.tanh(x @ p["w"])
+    return jnp.mean((z @ p["heads"].T - y) ** 2, axis=0)     # (m,)
+
+  return {
+      "jax": jax, "jnp": jnp, "mo": mo, "key": key, "params": params, "x": x, "y": y,
+      "loss_fn": loss_fn, "eval_fn": lambda p: loss_fn(p, x, y),
+      "logits": jax.random.normal(key, (2, 8, 3)),
+      "labels": jnp.tile(jnp.arange(8) % 3, (2, 1)), "grid": jnp.linspace(-1.0, 1.0, 21),
+  }
+
+
+def _check_metrics(ns):
+  assert ns["ece"].shape == (2,) and ns["acc"].shape == (20, 10, 2)
+  assert ns["surf"].shape == (21, 21, 2)
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in (ns["ece"], ns["acc"], ns["surf"]))
+
+
 SETUPS = {
+    "metrics": (_metrics, _check_metrics),
     "linen-state": (_linen_state, _check_linen_state),
     "nnx-state": (_nnx_state, _check_nnx_state),
     "checkpoint": (_checkpoint, _check_checkpoint),

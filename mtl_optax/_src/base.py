@@ -289,8 +289,10 @@ _ROWS_PROBE: list = []
 
 
 class row_reading_probe:  # pylint: disable=invalid-name
-  """Context manager recording, while a transformation is traced, whether its
-  aggregators read the gradient rows (a list of bools, one per aggregation).
+  """Records whether a transformation's aggregators read the gradient rows.
+
+  While a transformation is traced inside the block, one bool per aggregation
+  is appended to the list it yields.
 
   Used by :func:`mtl_optax.resolve_engine` on an abstract trace
   (``jax.eval_shape``): nothing runs and nothing is kept after the block.

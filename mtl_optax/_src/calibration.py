@@ -49,7 +49,7 @@ class ReliabilityDiagram(NamedTuple):
   """
   confidence: Array
   accuracy: Array
-  count: Array
+  count: Array  # type: ignore[assignment]  # a field, shadowing tuple.count
   edges: Array
 
 

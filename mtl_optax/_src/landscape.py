@@ -31,7 +31,7 @@ Li et al.'s ``--xignore biasbn``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +141,7 @@ def _filter_direction(key, params, filter_axis, one_dim, eps):
 
 @jax.jit
 def _global_unit_direction(key, params):
-  """d ~ N(0, I) over all parameters, divided by its global norm (the FS-MTL noise)."""
+  """A direction d ~ N(0, I) over all parameters over its global norm (the FS-MTL noise)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves))
   acc = linalg.accumulation_dtype(jnp.result_type(*leaves))
@@ -176,7 +176,7 @@ def _move(params, coefs_dirs):
 _move_jit = jax.jit(lambda p, r, d: _move(p, [(r, d)]))
 
 
-def _coordinates(where, name, values):
+def _coordinates(where, name, values) -> jax.Array:
   arr = jnp.atleast_1d(jnp.asarray(values))
   if arr.ndim != 1 or arr.shape[0] == 0:
     raise ValueError(f"{where}: {name} must be a non-empty 1-D sequence, got shape "
@@ -196,7 +196,7 @@ def noise_robustness(
     eval_fn: Callable[[PyTree], Any],
     params: PyTree,
     key: jax.Array,
-    radii: Sequence[float],
+    radii: Union[Sequence[float], jax.Array],
     num_directions: int = 10,
     *,
     direction: str = "global",
@@ -282,7 +282,7 @@ def loss_landscape_1d(
     loss_fn: Callable[..., Any],
     params: PyTree,
     direction: PyTree,
-    alphas: Sequence[float],
+    alphas: Union[Sequence[float], jax.Array],
     *args,
     chunk_size: task_grads_lib.ChunkSize = 1,
     **kwargs,
@@ -330,8 +330,8 @@ def loss_landscape_2d(
     params: PyTree,
     dir1: PyTree,
     dir2: PyTree,
-    alphas: Sequence[float],
-    betas: Sequence[float],
+    alphas: Union[Sequence[float], jax.Array],
+    betas: Union[Sequence[float], jax.Array],
     *args,
     chunk_size: task_grads_lib.ChunkSize = 1,
     **kwargs,

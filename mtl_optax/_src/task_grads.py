@@ -191,6 +191,7 @@ def task_grads(
     closed, shapes = jax.make_jaxpr(f, return_shape=True)(params)
     chunk_size = resolve_chunk_size(chunk_size, "task_grads", closed.jaxpr)
   else:
+    chunk_size = resolve_chunk_size(chunk_size, "task_grads")
     shapes = jax.eval_shape(f, params)
   has_aux = check_state_output(shapes, has_aux, has_state, "task_grads")
   m = check_losses_shape(shapes, has_aux, "task_grads")

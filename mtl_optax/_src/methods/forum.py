@@ -263,5 +263,5 @@ def forum(loss_fn: Callable[..., Array], inner_lr: float = 0.1, inner_steps: int
         out, val_grads)
     return out, new_state
 
-  update_fn.mtl_info = tx.update.mtl_info
+  update_fn.mtl_info = tx.update.mtl_info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)

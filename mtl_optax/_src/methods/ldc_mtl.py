@@ -70,7 +70,8 @@ def ldc_mtl(
 
   in both θ and ξ (Σ_j σ_j is held constant, as in the reference code), so
 
-      d = Σ_i c_i ∇L̃_i,   c_i = σ_i / Σσ + λ σ_i (s_i − s_{i−1}),   s_i = sign(σ_i L̃_i − σ_{i+1} L̃_{i+1}),
+      d = Σ_i c_i ∇L̃_i,   c_i = σ_i / Σσ + λ σ_i (s_i − s_{i−1}),
+      s_i = sign(σ_i L̃_i − σ_{i+1} L̃_{i+1}),
       ξ ← optimizer(ξ, ∂F/∂ξ),   ∂F/∂σ_i = L̃_i / Σσ + λ L̃_i (s_i − s_{i−1}),
 
   with the weights c of the current ξ (ξ moves after the step, as a joint

@@ -161,5 +161,5 @@ def moml(val_loss_fn: Callable[..., Array], inner_lr: Union[float, optax.Schedul
     extra[_META_GRAD] = (gamma @ unit, gamma, jnp.all(jnp.isfinite(hyper)))
     return tx.update(updates, state, params, **extra)
 
-  update_fn.mtl_info = tx.update.mtl_info
+  update_fn.mtl_info = tx.update.mtl_info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
