@@ -106,16 +106,22 @@ def reference_update(name, variant, adaptive, partition):
   h = s - g
   make = AGGREGATORS[name]
   a = make()
+
+  def flat_term():
+    if mo.aggregator_info(a).scale_degree == 1:
+      return vanilla(make(), h, losses=losses)[0]
+    # Not linear in the scale (Nash-MTL): r · A(h / r), r = ‖h‖/‖g‖.
+    r = np.linalg.norm(h) / np.linalg.norm(g)
+    return r * vanilla(make(), h / r, losses=losses)[0]
+
   if variant == "decomposed":
     d_loss, st = vanilla(a, g, losses=losses)
-    d_flat, _ = vanilla(make(), h, losses=losses)
-    d = d_loss + d_flat
+    d = d_loss + flat_term()
   elif variant == "direct":
     d, st = vanilla(a, s, losses=losses)
   elif variant == "second":
     d_loss, st = vanilla(a, g, losses=losses)
-    d_flat, _ = vanilla(make(), h, losses=losses)
-    d, _ = vanilla(make(), np.stack([d_loss, d_flat]))
+    d, _ = vanilla(make(), np.stack([d_loss, flat_term()]))
   else:  # each: per task [g_i, h_i] with one state threaded through the tasks
     pair_tx, pair_state, v = make(), None, []
     for i in range(M):

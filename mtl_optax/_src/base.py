@@ -125,6 +125,16 @@ class AggregatorInfo:
       returns ``shared_update`` reads them whatever this says. Lets
       ``mode="auto"`` keep such methods off the factored engine, where rows
       are formed from the factors at extra cost.
+    scale_degree: the degree k of the update in the scale of the gradients:
+      multiplying every task gradient by s > 0 (and, for stateful methods,
+      the gradients that built the state) multiplies the update by s^k —
+      exactly (A(sJ) = s^k A(J)), or at least in order (‖A(sJ)‖ = Θ(s^k) as
+      s → 0, e.g. bounded weights that depend on the scale). k = 1 for loss
+      weightings and for most gradient methods, 0 for methods whose update
+      norm ignores the gradients' scale (Nash-MTL, MGDA with "l2"
+      normalisation), (1 − α)/(1 + α) for FairGrad. None (the default):
+      unknown, or no single degree (CDTT). :func:`mtl_optax.flat` uses it: only
+      methods declaring k = 1 get the paper's flat term A(h) as is.
   """
   name: str
   needs_losses: bool = False
@@ -133,6 +143,7 @@ class AggregatorInfo:
   representation: str = "invalid"
   weight_heads: Optional[bool] = None
   reads_rows: bool = False
+  scale_degree: Optional[float] = None
 
 
 def aggregator_info(tx) -> AggregatorInfo:

@@ -9,7 +9,10 @@ families separately with the same gradient aggregator A:
     head i update  = g_ns^{i, SAM}   (its own SAM gradient).
 
 :func:`flat` wraps any mtl_optax aggregator into that update; the SAM gradients
-come from :func:`mtl_optax.sharpness_aware_task_grads`.
+come from :func:`mtl_optax.sharpness_aware_task_grads`. For aggregators whose
+update does not scale linearly with the gradients (Nash-MTL, MGDA with "l2"
+normalisation, FairGrad, ...) the flat term is rescaled so that the update
+tends to the vanilla one as ρ → 0 (see :func:`flat`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from mtl_optax._src import linalg
 PyTree = Any
 
 VARIANTS = ("decomposed", "direct", "each", "second")
+FLAT_TERMS = ("auto", "sum", "rescaled")
+
+# Beyond r = ‖h‖/‖g‖ = 2^±200 one of the two families is negligible against
+# the other (and 2^±r overflows float32): the rescaled flat term is then 0.
+_MAX_LOG2_RATIO = 200.0
 
 
 class FlatState(NamedTuple):
@@ -82,7 +90,32 @@ def _keep_inner_if(bad, new, old):
   return new
 
 
-def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
+def _log2_norm(leaves):
+  """log₂ of the Frobenius norm of stacked leaves (−inf if all zero), overflow-safe."""
+  acc = linalg.accumulation_dtype(leaves[0].dtype)
+  top = jnp.max(jnp.stack([jnp.max(jnp.abs(l)).astype(acc) for l in leaves]))
+  p = linalg.power_of_two_scale(top)
+  sq = sum(jnp.sum(jnp.square(l.astype(acc) / p)) for l in leaves)
+  return jnp.log2(p) + 0.5 * jnp.log2(sq)
+
+
+def _times_exp2(leaves, log2_factor, dtypes):
+  """Each leaf times 2^log2_factor, cast to ``dtypes``.
+
+  Two half-size factors: neither overflows when the product is representable,
+  even for |log2_factor| > 128 in float32.
+  """
+  out = []
+  for leaf, dt in zip(leaves, dtypes):
+    acc = linalg.accumulation_dtype(leaf.dtype)
+    half = jnp.floor(0.5 * log2_factor).astype(acc)
+    out.append((leaf.astype(acc) * jnp.exp2(half) * jnp.exp2(log2_factor.astype(acc) - half))
+               .astype(dt))
+  return out
+
+
+def flat(aggregator, variant: str = "decomposed", *, flat_term: str = "auto",
+         task_specific=None):
   """Sharpness-aware (flat) version of an aggregator: F-MGDA, F-CAGrad, F-anything.
 
   With loss gradients g_i (``updates``) and SAM gradients g_i^SAM = ∇L_i(θ + ε_i)
@@ -90,14 +123,37 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
   leaves receive, with h_i = g_i^SAM − g_i the flat gradients and A the
   wrapped aggregator,
 
-  * ``"decomposed"`` (default; the paper's method): d = A(g) + A(h), two
-    independent aggregations (independent states for stateful methods);
+  * ``"decomposed"`` (default; the paper's method): d = A(g) + T(h), two
+    independent aggregations (independent states for stateful methods), T(h)
+    the flat term below (A(h) for MGDA, PCGrad, CAGrad, IMTL, mean, ...);
   * ``"direct"``: d = A(g^SAM) (the ablation "aggregate the SAM gradients";
     ``a-cagrad`` etc. in the FS-MTL code);
   * ``"each"``: v_i = A([g_i, h_i]) for each task (A on the 2-row stack of the
     task's loss and flat gradients), then d = A(v_1, ..., v_m);
-  * ``"second"``: d = A([A(g), A(h)]) (the two aggregates aggregated again,
+  * ``"second"``: d = A([A(g), T(h)]) (the two aggregates aggregated again,
     with A on a 2-row stack).
+
+  The flat term. A(h) is O(ρ) only for aggregators of degree 1 in the
+  gradients' scale (A(sJ) = s·A(J)); for degree k
+  (``AggregatorInfo.scale_degree``) it is O(ρ^k): Nash-MTL or MGDA with "l2"
+  normalisation (k = 0) would add an O(1) term at ρ = 1e-6, FairGrad with
+  α > 1 (k < 0) a diverging one. We aggregate the flat gradients brought to
+  the size of the loss gradients and scale the result back:
+
+      T(h) = r · A(h / r),     r = ‖h‖_F / ‖g‖_F   (shared rows),
+
+  which is A(h) for degree 1, r^{1−k} A(h) for degree k, and O(ρ) for any
+  aggregator finite at the gradients' scale, homogeneous or not: d → A(g) as
+  ρ → 0, and F-A keeps A's degree. ``flat_term="auto"`` (default) takes
+  T(h) = A(h) literally, as the authors' code (F-MGDA, F-PCGrad, F-CAGrad,
+  F-IMTL, F-EW, bit for bit), for aggregators declaring ``scale_degree == 1``,
+  and r · A(h/r) for all others, including those declaring nothing;
+  ``"sum"`` forces A(h) (the authors' formula for any method, e.g. their NYUv2
+  F-MGDA with normalised rows), ``"rescaled"`` forces r · A(h/r) (a stateful
+  flat aggregation then tracks h/r). T = 0 when h = 0 (ρ = 0 gives exactly the
+  vanilla update); the rescaled T is also 0 when g = 0 or r is beyond 2^±200.
+  ``"direct"`` is continuous for any continuous A; ``"each"`` is not (A on
+  [g_i, h_i] rows of different sizes).
 
   Each task-specific (head) leaf receives its tasks' SAM gradients: Σ_i g_i^SAM
   (each head its own SAM gradient) for gradient methods; for methods that weight
@@ -132,6 +188,8 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
     variant: "decomposed" (default), "direct", "each" or "second". "each" and
       "second" run A on 2-row stacks, so A must not need task losses and must
       not be built with ``num_tasks`` other than 2.
+    flat_term: "auto" (default), "sum" or "rescaled": the flat term T(h)
+      above ("decomposed" and "second" only).
     task_specific: None (default), a boolean mask pytree or
       ``callable(path, leaf) -> bool`` marking the head leaves.
 
@@ -147,6 +205,15 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
   inner_info = base.aggregator_info(aggregator)
   if variant not in VARIANTS:
     raise ValueError(f"flat: variant must be one of {VARIANTS}, got {variant!r}.")
+  if flat_term not in FLAT_TERMS:
+    raise ValueError(f"flat: flat_term must be one of {FLAT_TERMS}, got {flat_term!r}.")
+  if flat_term != "auto" and variant not in ("decomposed", "second"):
+    raise ValueError(f"flat: flat_term={flat_term!r} only applies to the 'decomposed' and "
+                     f"'second' variants, not {variant!r}.")
+  # Only the paper's A(h) is kept for methods of degree 1; anything else (other
+  # degrees, undeclared) gets the rescaled term, continuous for every method.
+  rescaled = (flat_term == "rescaled"
+              or (flat_term == "auto" and inner_info.scale_degree != 1))
   if variant in ("each", "second") and inner_info.needs_losses:
     raise ValueError(
         f"flat(variant={variant!r}) aggregates 2-row stacks of gradients that have no task "
@@ -244,15 +311,34 @@ def flat(aggregator, variant: str = "decomposed", *, task_specific=None):
     add = lambda a, b: jax.tree_util.tree_map(lambda x, y: x + y, a, b)
     new_flat, new_pair = state.flat, state.pair
 
+    def flat_term_of(flat_state):
+      if not rescaled:
+        return call(aggregator.update, flat_sub, flat_state, p_sub, kwargs)
+      # T(h) = r · A(h / r), r = ‖h‖/‖g‖, in log₂ (no overflow for any r).
+      g_sh = [l for l, h in zip(leaves, heads) if not h]
+      h_sh = jax.tree_util.tree_leaves(flat_sub)
+      log_g, log_h = _log2_norm(g_sh), _log2_norm(h_sh)
+      log_r = log_h - log_g
+      ok = jnp.abs(log_r) <= _MAX_LOG2_RATIO   # False for h = 0 or g = 0 (and NaN)
+      log_r = jnp.where(ok, log_r, 0.0)
+      h_tilde = _times_exp2(h_sh, -log_r, [l.dtype for l in h_sh])
+      h_tilde = [jnp.where(ok, x, jnp.zeros((), x.dtype)) for x in h_tilde]
+      h_tilde = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(flat_sub), h_tilde)
+      d_tilde, new_state = call(aggregator.update, h_tilde, flat_state, p_sub, kwargs)
+      d_leaves, d_def = jax.tree_util.tree_flatten(d_tilde)
+      t = _times_exp2(d_leaves, log_r, [d.dtype for d in d_leaves])
+      t = [jnp.where(ok, x, jnp.zeros((), x.dtype)) for x in t]
+      return jax.tree_util.tree_unflatten(d_def, t), new_state
+
     if variant == "decomposed":
       d_loss, new_loss = call(aggregator.update, loss_sub, state.loss, p_sub, kwargs)
-      d_flat, new_flat = call(aggregator.update, flat_sub, state.flat, p_sub, kwargs)
+      d_flat, new_flat = flat_term_of(state.flat)
       shared = add(d_loss, d_flat)
     elif variant == "direct":
       shared, new_loss = call(aggregator.update, sam_sub, state.loss, p_sub, kwargs)
     elif variant == "second":
       d_loss, new_loss = call(aggregator.update, loss_sub, state.loss, p_sub, kwargs)
-      d_flat, new_flat = call(aggregator.update, flat_sub, state.flat, p_sub, kwargs)
+      d_flat, new_flat = flat_term_of(state.flat)
       pair = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), d_loss, d_flat)
       shared, new_pair = call(aggregator.update, pair, state.pair, p_sub, extra_kw(kwargs))
       new_pair = _cast_like(new_pair, state.pair)

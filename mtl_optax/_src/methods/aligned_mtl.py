@@ -122,7 +122,7 @@ def aligned_mtl(scale_mode: str = "min", pref_vector: Optional[Sequence[float]] 
   if scale_mode not in SCALE_MODES:
     raise ValueError(f"{name}: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}.")
   pref = check_pref_vector(name, pref_vector, num_tasks)
-  info = base.AggregatorInfo(name=name, representation="variant")
+  info = base.AggregatorInfo(name=name, representation="variant", scale_degree=1)
 
   def rule(view, inner):
     m = view.num_tasks

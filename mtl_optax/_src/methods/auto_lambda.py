@@ -139,7 +139,7 @@ def auto_lambda(val_loss_fn: Callable[..., jax.Array],
       raise ValueError(
           f"auto_lambda: primary must be {m_init} finite task weights, got {primary!r}.")
   weight_heads = True if weight_heads is None else bool(weight_heads)
-  info = base.AggregatorInfo(name="auto_lambda")
+  info = base.AggregatorInfo(name="auto_lambda", scale_degree=1)
 
   def init_inner(params, m):
     lam = jnp.full((m_init,), float(init), state_dtype(params))

@@ -134,7 +134,7 @@ def cagrad(c: float = 0.4, rescale: int = 1, *, max_iters: int = 250, tol: float
   if rescale not in RESCALES:
     raise ValueError(f"cagrad: rescale must be one of {RESCALES}, got {rescale!r}.")
   base.check_positive("cagrad", max_iters=max_iters, tol=tol)
-  info = base.AggregatorInfo(name="cagrad")
+  info = base.AggregatorInfo(name="cagrad", scale_degree=1)
   divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
 
   def rule(view, inner):

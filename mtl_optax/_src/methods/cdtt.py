@@ -119,6 +119,8 @@ def cdtt(alpha: float = 0.2, window: int = 10, *, max_iters: Optional[int] = Non
   if max_iters is not None:
     base.check_positive(name, max_iters=max_iters)
   m_fixed = require_num_tasks(name, num_tasks, "a sliding window of per-task gradient norms")
+  # No scale_degree: d₀ (EDM) has degree 1 but the unit tension vectors degree 0,
+  # and which one dominates depends on the step and on the scale.
   info = base.AggregatorInfo(name=name, needs_losses=True, reads_rows=True)
 
   def init_inner(params, _):

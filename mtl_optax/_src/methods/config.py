@@ -87,7 +87,7 @@ def config(pref_vector: Optional[Sequence[float]] = None, *, task_specific=None,
   """
   name = "config"
   pref = check_pref_vector(name, pref_vector, num_tasks)
-  info = base.AggregatorInfo(name=name)
+  info = base.AggregatorInfo(name=name, scale_degree=1)
 
   def rule(view, inner):
     m = view.num_tasks

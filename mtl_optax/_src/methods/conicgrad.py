@@ -181,7 +181,7 @@ def conicgrad(c: float = 0.5, *, max_iters: int = 250, tol: float = 1e-7,
     raise ValueError(f"{name}: c is the cosine of the cone's half-angle and must be in (0, 1], "
                      f"got {c!r}.")
   base.check_positive(name, max_iters=max_iters, tol=tol)
-  info = base.AggregatorInfo(name=name)
+  info = base.AggregatorInfo(name=name, scale_degree=1)
 
   def rule(view, inner):
     gram = view.gram

@@ -66,7 +66,8 @@ def cosmos(preference=None, lam: float = 1.0, *, task_specific=None,
   name = "cosmos"
   base.check_nonnegative(name, lam=lam)
   fixed = check_preference(name, preference)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def rule(view, inner):
     dtype = view.gram.dtype

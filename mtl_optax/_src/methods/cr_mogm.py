@@ -91,7 +91,10 @@ def cr_mogm(aggregator, beta: float = 0.9, *, initial_weights=None, task_specifi
                        f"{initial_weights!r}.")
   info = base.AggregatorInfo(name=name, needs_losses=inner_info.needs_losses,
                              stochastic=inner_info.stochastic,
-                             representation=inner_info.representation)
+                             representation=inner_info.representation,
+                             # Averaged weights scale like the inner ones.
+                             scale_degree=inner_info.scale_degree,
+                             reads_rows=inner_info.reads_rows)
   if weight_heads is None:
     weight_heads = inner_info.weight_heads
 

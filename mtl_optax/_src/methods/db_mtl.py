@@ -63,7 +63,8 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, *, eps: float = 1e-8,
     raise ValueError(f"db_mtl: beta must be in [0, 1), got {beta!r}.")
   m_init = require_num_tasks("db_mtl", num_tasks)
   log_heads = weight_heads is None or bool(weight_heads)
-  info = base.AggregatorInfo(name="db_mtl", needs_losses=True, weighted=False)
+  info = base.AggregatorInfo(name="db_mtl", needs_losses=True, weighted=False,
+                             scale_degree=1)
 
   def init_inner(params, m):
     return DBMTLState(buffer=moco_lib.tracked_zeros(params, m_init, task_specific, "db_mtl"),

@@ -146,7 +146,8 @@ def dwa(
   m = require_num_tasks(name, num_tasks, "epoch-mean losses")
   base.check_positive(name, temperature=temperature, eps=eps)
   check_steps_per_epoch(name, steps_per_epoch)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def init_inner(params, _):
     return init_epoch_losses(m, state_dtype(params))

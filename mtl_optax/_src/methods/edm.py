@@ -83,7 +83,7 @@ def edm(*, max_iters: Optional[int] = None, tol: float | None = None, task_speci
     base.check_positive(name, tol=tol)
   if max_iters is not None:
     base.check_positive(name, max_iters=max_iters)
-  info = base.AggregatorInfo(name=name)
+  info = base.AggregatorInfo(name=name, scale_degree=1)
 
   def rule(view, inner):
     out = edm_weights(view.row_gram, view.row_scales, max_iters=max_iters, tol=tol)

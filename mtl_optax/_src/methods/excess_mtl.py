@@ -70,7 +70,7 @@ def excess_mtl(robust_step_size: float = 1e-2, *, eps: float = 1e-7, task_specif
   base.check_positive("excess_mtl", robust_step_size=robust_step_size, eps=eps)
   m_init = require_num_tasks("excess_mtl", num_tasks)
   weight_heads = True if weight_heads is None else bool(weight_heads)
-  info = base.AggregatorInfo(name="excess_mtl", reads_rows=True)
+  info = base.AggregatorInfo(name="excess_mtl", scale_degree=1, reads_rows=True)
   log2_eps = float(jnp.log2(eps))
 
   def init_inner(params, m):

@@ -54,7 +54,7 @@ def fairgrad(alpha: float = 1.0, *, max_iters: int = 40, tol: Optional[float] = 
     raise ValueError(f"fairgrad: max_iters must be a positive int, got {max_iters!r}.")
   if tol is not None:
     base.check_positive("fairgrad", tol=tol)
-  info = base.AggregatorInfo(name="fairgrad")
+  info = base.AggregatorInfo(name="fairgrad", scale_degree=(1.0 - alpha) / (1.0 + alpha))
 
   def rule(view, inner):
     sol = linalg.nash_system(view.row_gram, float(alpha),

@@ -113,7 +113,8 @@ def famo(
       raise ValueError(f"{name}: min_losses must be {m} finite numbers, got {min_losses!r}.")
   else:
     min_np = np.zeros((m,))
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def init_inner(params, _):
     dtype = state_dtype(params)

@@ -32,7 +32,8 @@ def geometric_loss(*, eps: float = 1e-8, task_specific=None, weight_heads: Optio
   """
   name = "geometric_loss"
   check_eps(name, eps)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def rule(view, inner):
     m = view.num_tasks

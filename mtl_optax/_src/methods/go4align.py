@@ -125,7 +125,8 @@ def go4align(
   num_groups = int(num_groups)
   base.check_nonnegative(name, robust_step_size=robust_step_size)
   check_eps(name, eps)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def init_inner(params, _):
     return GO4AlignState(jnp.full((m,), 1.0 / m, state_dtype(params)))

@@ -106,7 +106,7 @@ def graddrop(leak: Union[float, Sequence[float]] = 0.0, *, purity_fn: Optional[C
   if purity_fn is not None and not callable(purity_fn):
     raise ValueError(f"graddrop: purity_fn must be callable, got {purity_fn!r}.")
   info = base.AggregatorInfo(name="graddrop", weighted=False, stochastic=True,
-                             representation="variant")
+                             representation="variant", scale_degree=1)
 
   def rule(view, key):
     m = view.num_tasks

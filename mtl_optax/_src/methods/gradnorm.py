@@ -114,7 +114,8 @@ def gradnorm(
     raise ValueError(f"{name}: initial_loss must be one of {INITIAL_LOSS}, got {initial_loss!r}.")
   check_steps_per_epoch(name, steps_per_epoch)
   opt = inner_optimizer(name, optimizer, learning_rate)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="variant")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="variant",
+                             scale_degree=1)
 
   def init_inner(params, _):
     dtype = state_dtype(params)

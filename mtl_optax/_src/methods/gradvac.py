@@ -149,7 +149,7 @@ def gradvac(beta: float = 0.5, group: Group = "whole_model", *, seed: int = 0,
     raise ValueError(f"gradvac: group must be one of {GROUPS} or a callable, got {group!r}.")
   m_init = require_num_tasks("gradvac", num_tasks)
   info = base.AggregatorInfo(name="gradvac", stochastic=True,
-                             weighted=group == "whole_model")
+                             weighted=group == "whole_model", scale_degree=1)
 
   def init_inner(params, m):
     moco_lib.shared_param_leaves(params, task_specific, "gradvac")  # validates the partition

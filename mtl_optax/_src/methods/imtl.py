@@ -88,7 +88,7 @@ def imtl(variant: str = "gradient", *, init_log_scale: float = 0.0,
     raise ValueError(f"{name}: variant must be one of {VARIANTS}, got {variant!r}.")
 
   if variant == "gradient":
-    info = base.AggregatorInfo(name=name)
+    info = base.AggregatorInfo(name=name, scale_degree=1)
 
     def rule(view, inner):
       return base.RuleOutput(state=inner, weights=imtl_weights(view.gram))
@@ -103,7 +103,8 @@ def imtl(variant: str = "gradient", *, init_log_scale: float = 0.0,
     raise ValueError(f"{name}: init_log_scale must be a finite number, got {init_log_scale!r}.")
   opt = inner_optimizer(name, optimizer, learning_rate)
   info = base.AggregatorInfo(name=name, needs_losses=True,
-                             representation="exact" if variant == "loss" else "invalid")
+                             representation="exact" if variant == "loss" else "invalid",
+                             scale_degree=1)
   heads_scaled = True if weight_heads is None else bool(weight_heads)
 
   def init_inner(params, _):

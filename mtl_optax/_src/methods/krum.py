@@ -86,7 +86,7 @@ def krum(n_byzantine: int = 0, n_selected: int = 1, *, task_specific=None,
   _check_int(name, "n_selected", n_selected, 1)
   if num_tasks is not None:
     check_krum_tasks(num_tasks, n_byzantine, n_selected)
-  info = base.AggregatorInfo(name=name)
+  info = base.AggregatorInfo(name=name, scale_degree=1)
 
   def rule(view, inner):
     check_krum_tasks(view.num_tasks, n_byzantine, n_selected)

@@ -115,7 +115,8 @@ def ldc_mtl(
   if not (isinstance(init, (int, float)) and np.isfinite(init)):
     raise ValueError(f"{name}: init must be a finite number, got {init!r}.")
   opt = inner_optimizer(name, optimizer, learning_rate)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def init_inner(params, _):
     dtype = state_dtype(params)

@@ -120,7 +120,9 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
   if lambda_update not in LAMBDA_UPDATES:
     raise ValueError(f"moco: lambda_update must be one of {LAMBDA_UPDATES}, got {lambda_update!r}.")
   m_init = require_num_tasks("moco", num_tasks)
-  info = base.AggregatorInfo(name="moco", needs_losses=normalization == "loss", weighted=False)
+  # Normalised rows make the tracked gradients, hence d, independent of the scale.
+  info = base.AggregatorInfo(name="moco", needs_losses=normalization == "loss", weighted=False,
+                             scale_degree=1 if normalization == "none" else 0)
 
   def init_inner(params, m):
     y = tracked_zeros(params, m_init, task_specific, "moco")

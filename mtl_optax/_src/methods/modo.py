@@ -55,7 +55,7 @@ def modo(gamma: float = 1e-3, rho: float = 0.1, *, heads: str = "mean", task_spe
   if heads not in sdmgrad_lib.HEAD_MODES:
     raise ValueError(f"modo: heads must be one of {sdmgrad_lib.HEAD_MODES}, got {heads!r}.")
   m_init = require_num_tasks("modo", num_tasks)
-  info = base.AggregatorInfo(name="modo")
+  info = base.AggregatorInfo(name="modo", scale_degree=1)
 
   def init_inner(params, m):
     return MoDoState(lam=jnp.full((m_init,), 1.0 / m_init, state_dtype(params)))

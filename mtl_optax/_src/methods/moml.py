@@ -113,7 +113,8 @@ def moml(val_loss_fn: Callable[..., Array], inner_lr: Union[float, optax.Schedul
     meta_optimizer = optax.adam(meta_lr)
   m = require_num_tasks(name, num_tasks, "the task logits")
   weight_heads = True if weight_heads is None else bool(weight_heads)
-  info = base.AggregatorInfo(name=name)
+  # Degree 1 in order: Jᵀw with bounded weights (softmax of meta-learned logits).
+  info = base.AggregatorInfo(name=name, scale_degree=1)
 
   def init_inner(params, _):
     logits = jnp.zeros((m,), state_dtype(params))

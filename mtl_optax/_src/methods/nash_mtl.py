@@ -95,7 +95,8 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
     base.check_positive("nash_mtl", tol=tol)
   if num_tasks is None:
     raise ValueError("nash_mtl: pass num_tasks=m (its state keeps the last task weights).")
-  info = base.AggregatorInfo(name="nash_mtl")
+  # ‖Jᵀw‖ = √m before the clip whatever the gradients' scale: degree 0.
+  info = base.AggregatorInfo(name="nash_mtl", scale_degree=0)
 
   def init_inner(params, m):
     leaves = jax.tree_util.tree_leaves(params)

@@ -87,7 +87,9 @@ def ngdiff(*, ascend_forget: bool = True, auto_lr: bool = False, learning_rate: 
   base.check_positive(name, learning_rate=learning_rate)
   if not (isinstance(lr_smoothing, (int, float)) and 0.0 <= lr_smoothing < 1.0):
     raise ValueError(f"{name}: lr_smoothing must be in [0, 1), got {lr_smoothing!r}.")
-  info = base.AggregatorInfo(name=name, needs_losses=auto_lr)
+  # Degree 0 (normalised rows); with auto_lr the secant step size has no single degree.
+  info = base.AggregatorInfo(name=name, needs_losses=auto_lr,
+                             scale_degree=None if auto_lr else 0)
   weight_heads = bool(weight_heads)  # default: each head its own gradient (a gradient method)
   sign = -1.0 if ascend_forget else 1.0
 

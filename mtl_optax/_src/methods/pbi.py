@@ -75,7 +75,8 @@ def pbi(preference=None, theta: float = 5.0, *, reference=None, task_specific=No
     z = np.asarray(reference, dtype=np.float64)
     if z.ndim != 1 or not np.all(np.isfinite(z)):
       raise ValueError(f"{name}: reference must be a finite 1-D vector, got {reference!r}.")
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def rule(view, inner):
     dtype = view.gram.dtype

@@ -52,7 +52,7 @@ def pcgrad(*, seed: int = 0, task_specific=None, weight_heads: Optional[bool] = 
   Reference:
     Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
   """
-  info = base.AggregatorInfo(name="pcgrad", stochastic=True)
+  info = base.AggregatorInfo(name="pcgrad", stochastic=True, scale_degree=1)
 
   def rule(view, key):
     key, sub = jax.random.split(key)

@@ -93,7 +93,7 @@ def random_loss_weighting(
   if not isinstance(seed, int) or isinstance(seed, bool):
     raise ValueError(f"{name}: seed must be an int, got {seed!r}.")
   info = base.AggregatorInfo(name=name, needs_losses=True, stochastic=True,
-                             representation="exact")
+                             representation="exact", scale_degree=1)
 
   def rule(view, key):
     m = view.num_tasks

@@ -151,7 +151,7 @@ def rotograd(burn_in_period: int = 20, *, task_specific=None,
   if not isinstance(burn_in_period, int) or burn_in_period < 1:
     raise ValueError(f"rotograd: burn_in_period must be a positive int, got {burn_in_period!r}.")
   m_init = require_num_tasks("rotograd", num_tasks)
-  info = base.AggregatorInfo(name="rotograd", representation="variant")
+  info = base.AggregatorInfo(name="rotograd", representation="variant", scale_degree=1)
 
   def init_inner(params, m):
     return RotoGradState(initial_norms=jnp.zeros((m_init,), state_dtype(params)),

@@ -17,7 +17,7 @@ from mtl_optax._src import base
 
 
 def _fixed(name, weights_of_m, task_specific, num_tasks, nonfinite):
-  info = base.AggregatorInfo(name=name, representation="exact")
+  info = base.AggregatorInfo(name=name, representation="exact", scale_degree=1)
 
   def rule(view, inner):
     return base.RuleOutput(state=inner, weights=weights_of_m(view.num_tasks, view.gram.dtype))

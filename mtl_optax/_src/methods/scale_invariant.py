@@ -31,7 +31,8 @@ def scale_invariant(*, eps: float = 1e-8, task_specific=None, weight_heads: Opti
   """
   name = "scale_invariant"
   check_eps(name, eps)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def rule(view, inner):
     losses = view.losses.astype(view.gram.dtype)

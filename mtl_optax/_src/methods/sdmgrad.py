@@ -211,7 +211,7 @@ def sdmgrad(lamda: float = 0.3, niter: int = 20, *, lr: float = 5.0, momentum: f
   if heads not in HEAD_MODES:
     raise ValueError(f"sdmgrad: heads must be one of {HEAD_MODES}, got {heads!r}.")
   m_init = require_num_tasks("sdmgrad", num_tasks)
-  info = base.AggregatorInfo(name="sdmgrad", reads_rows=True)
+  info = base.AggregatorInfo(name="sdmgrad", scale_degree=1, reads_rows=True)
 
   def init_inner(params, m):
     return SDMGradState(w=jnp.full((m_init,), 1.0 / m_init, state_dtype(params)))

@@ -77,7 +77,8 @@ def stch(
   if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
     raise ValueError(f"{name}: warmup_epochs must be a non-negative int, got {warmup_epochs!r}.")
   check_steps_per_epoch(name, steps_per_epoch)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def init_inner(params, _):
     dtype = state_dtype(params)

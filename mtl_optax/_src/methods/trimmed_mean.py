@@ -47,7 +47,7 @@ def trimmed_mean(trim_number: int = 1, *, task_specific=None,
     raise ValueError(f"{name}: trim_number must be a non-negative int, got {trim_number!r}.")
   if num_tasks is not None:
     check_trim(num_tasks, trim_number)
-  info = base.AggregatorInfo(name=name, weighted=False)
+  info = base.AggregatorInfo(name=name, weighted=False, scale_degree=1)
 
   def rule(view, inner):
     m = view.num_tasks

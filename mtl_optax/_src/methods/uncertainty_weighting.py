@@ -121,7 +121,8 @@ def uncertainty_weighting(
   if not (isinstance(init_log_var, (int, float)) and abs(init_log_var) < float("inf")):
     raise ValueError(f"{name}: init_log_var must be a finite number, got {init_log_var!r}.")
   opt = inner_optimizer(name, optimizer, learning_rate)
-  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact")
+  info = base.AggregatorInfo(name=name, needs_losses=True, representation="exact",
+                             scale_degree=1)
 
   def init_inner(params, _):
     s = jnp.full((m,), init_log_var, state_dtype(params))

@@ -58,7 +58,7 @@ def dual_cone_aggregator(name: str, lower_bounds: Callable[[jax.Array], jax.Arra
   """
   pref = check_preferences(name, pref_vector, num_tasks)
   check_solver_args(name, reg_eps, norm_eps, max_iters, tol)
-  info = base.AggregatorInfo(name=name)
+  info = base.AggregatorInfo(name=name, scale_degree=1)
 
   def rule(view, inner):
     p = preferences(name, pref, view.num_tasks, view.row_gram.dtype)
