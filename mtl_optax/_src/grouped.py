@@ -41,7 +41,7 @@ def _label(groups: Groups, path, spec):
     return jax.tree_util.keystr(path[:-1])
   if groups == "top_level":
     return jax.tree_util.keystr(path[:1])
-  return groups(path, spec)
+  return groups(path, spec)  # type: ignore[operator]
 
 
 def _group_ids(groups: Groups, stacked, heads):
@@ -49,7 +49,8 @@ def _group_ids(groups: Groups, stacked, heads):
 
   Groups are numbered in order of first appearance (pytree flattening order).
   """
-  labels, ids = [], []
+  labels: list = []
+  ids: list = []
   for (path, leaf), head in zip(jax.tree_util.tree_flatten_with_path(stacked)[0], heads):
     if head:
       ids.append(None)
@@ -193,7 +194,7 @@ def grouped(aggregator, groups: Groups = "layer", *, task_specific=None):
            for u, l in zip(out, leaves)]
     return jax.tree_util.tree_unflatten(treedef, out), GroupedState(groups=tuple(new_states))
 
-  update_fn.mtl_info = info
+  update_fn.mtl_info = info  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

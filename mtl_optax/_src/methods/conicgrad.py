@@ -1,4 +1,7 @@
-"""ConicGrad: the best worst-task update in a cone around the mean gradient (Hassanpour et al., 2025)."""
+"""ConicGrad: the best worst-task update in a cone around the mean gradient.
+
+Hassanpour et al., 2025.
+"""
 
 from __future__ import annotations
 
@@ -90,18 +93,19 @@ def conicgrad_direction(gram, c: float, max_iters: int = 250, tol: float = 1e-7,
 
   mn = linalg.min_norm_on_simplex(gram)
   v_mn = jnp.sqrt(jnp.maximum(mn.x @ gram @ mn.x, 0.0))
-  a_mn = mn.x @ gu * linalg.safe_div(1.0, n0)
+  a_mn = mn.x @ gu * linalg.safe_div(jnp.ones((), dtype), n0)
   inside = (v_mn > 1e3 * jnp.finfo(dtype).eps * top) & (a_mn >= c * v_mn)
 
-  q = gram - jnp.outer(gu, gu) * linalg.safe_div(1.0, n0 * n0)
+  q = gram - jnp.outer(gu, gu) * linalg.safe_div(jnp.ones((), dtype), n0 * n0)
   # ‖P⊥g_w‖ is smoothed to √(‖P⊥g_w‖² + δ²), i.e. Q + δ²11ᵀ on the simplex (1ᵀw = 1):
   # where some g_w is parallel to g₀ the dual optimum sits on the norm's kink and
   # the direction e could not be recovered from w; with δ it is e = s P⊥g_w/√(b² + δ²)
   # (‖e‖ < s, so the cone constraint still holds), O(δ) from the exact one.
   q = 0.5 * (q + q.T) + (smoothing * top) ** 2
-  rim = _rim_dual(q, c * gu * linalg.safe_div(1.0, n0), s, max_iters, tol, line_search_iters)
+  inv_n0 = linalg.safe_div(jnp.ones((), dtype), n0)
+  rim = _rim_dual(q, c * gu * inv_n0, s, max_iters, tol, line_search_iters)
   w = rim.x
-  a = w @ gu * linalg.safe_div(1.0, n0)
+  a = w @ gu * linalg.safe_div(jnp.ones((), dtype), n0)
   # ‖P⊥g_w‖ from the rows themselves (not from Q, whose subtraction cancels).
   p = w - a * u0
   b_raw = jnp.sqrt(jnp.maximum(p @ gram @ p, 0.0))

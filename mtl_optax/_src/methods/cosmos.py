@@ -12,7 +12,7 @@ from mtl_optax._src.methods._common import unit_and_norm
 
 
 def cosmos_weights(losses, preference, lam):
-  """w = ∂s/∂L of s(L) = rᵀL − λ cos(r, L): the COSMOS task weights.
+  """W = ∂s/∂L of s(L) = rᵀL − λ cos(r, L): the COSMOS task weights.
 
       w = r − λ (r̂ − cos(r, L) L̂) / ‖L‖,   r̂ = r/‖r‖, L̂ = L/‖L‖,
 

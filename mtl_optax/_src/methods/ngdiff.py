@@ -141,5 +141,5 @@ def ngdiff(*, ascend_forget: bool = True, auto_lr: bool = False, learning_rate: 
           f"the gradients have m={m} tasks.")
     return inner_update(updates, state, params, **extra)
 
-  update_fn.mtl_info = inner_update.mtl_info
+  update_fn.mtl_info = inner_update.mtl_info  # type: ignore[attr-defined]
   return tx._replace(update=update_fn)

@@ -14,7 +14,7 @@ from mtl_optax._src.methods._common import unit_and_norm
 
 
 def pbi_weights(losses, preference, theta, reference=None):
-  """w = ∂s/∂L of s(L) = d1 + θ d2 (PBI) and (d1, d2).
+  """W = ∂s/∂L of s(L) = d1 + θ d2 (PBI) and (d1, d2).
 
   With f = L − z, r̂ = r/‖r‖: d1 = fᵀr̂, p = f − d1 r̂, d2 = ‖p‖, and
   w = r̂ + θ p/‖p‖. On the preference ray (p = 0, up to round-off: ‖p‖ ≤
