@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU unless benchmarks.accelerator runs the marked subset on its device.
+if os.environ.get("MTL_OPTAX_TESTS_ON_DEVICE") != "1":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests run tiny programs, so XLA's compile time dominates the suite:
 # without LLVM optimisations it is ~35% shorter (the arithmetic is the same
 # IEEE arithmetic; only code generation is less optimised).

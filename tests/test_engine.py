@@ -11,6 +11,8 @@ import pytest
 import mtl_optax as mo
 from mtl_optax._src import task_grads as task_grads_lib
 
+pytestmark = pytest.mark.accelerator   # run on the device by benchmarks.accelerator
+
 M, B, K, D = 3, 4, 16, 12   # small batch, wide layer: the dense product is cheaper factored
 
 

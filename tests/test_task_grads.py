@@ -8,6 +8,8 @@ import pytest
 
 import mtl_optax as mo
 
+pytestmark = pytest.mark.accelerator   # run on the device by benchmarks.accelerator
+
 M = 3
 
 

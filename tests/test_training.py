@@ -10,6 +10,8 @@ from flax import nnx
 
 import mtl_optax as mo
 
+pytestmark = pytest.mark.accelerator   # run on the device by benchmarks.accelerator
+
 
 class LinenNet(nn.Module):
   @nn.compact
