@@ -199,7 +199,8 @@ def samo_perturbation(
         continue
       local = g
       if layerwise:
-        scale = linalg.safe_div(_leaf_norms(g0[None], 1, acc), _leaf_norms(g, m, acc))  # (m,)
+        norms = _leaf_norms(jnp.concatenate([g0[None], g]), m + 1, acc)  # ‖g_0^ℓ‖, ‖ĝ_i^ℓ‖
+        scale = linalg.safe_div(norms[:1], norms[1:])  # (m,)
         local = g * scale.reshape((m,) + (1,) * (g.ndim - 1))
       mixed.append(alpha * g0[None] + (1.0 - alpha) * local)
     finite = jacobian_lib.rows_finite(mixed, m)
@@ -212,12 +213,28 @@ def samo_perturbation(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _direction(key, leaf_index, like):
-  """z_i on one shared leaf: ``jax.random.normal(fold_in(key_i, leaf_index), shape, dtype)``."""
-  dtype = jnp.result_type(like)
+def _directions(key, leaves, heads):
+  """z_i: one standard normal vector over all shared entries, split into the shared leaves.
+
+  ``jax.random.normal(key, (n,), dtype)`` with n the number of shared entries and
+  dtype their common type, cut in ``jax.tree_util`` leaf order, reshaped and cast
+  to each leaf's dtype (one draw: one random-bits kernel, whatever the number of
+  leaves); None on the head leaves.
+  """
+  shared = [p for p, h in zip(leaves, heads) if not h]
+  dtype = jnp.result_type(*shared)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"samo_task_grads: parameters must be floating point, got {dtype}.")
-  return jax.random.normal(jax.random.fold_in(key, leaf_index), jnp.shape(like), dtype)
+  flat = jax.random.normal(key, (sum(int(jnp.size(p)) for p in shared),), dtype)
+  out, start = [], 0
+  for p, h in zip(leaves, heads):
+    if h:
+      out.append(None)
+      continue
+    size = int(jnp.size(p))
+    out.append(flat[start:start + size].reshape(jnp.shape(p)).astype(jnp.result_type(p)))
+    start += size
+  return out
 
 
 def samo_task_grads(
@@ -245,9 +262,10 @@ def samo_task_grads(
 
      (2m forward passes; the authors' ``GradEstimator`` with q = 1 direction).
      Directions: with ``k, sub = jax.random.split(state.key)`` and
-     ``keys = jax.random.split(sub, m)``, leaf ℓ (in ``jax.tree_util`` order) of
-     z_i is ``jax.random.normal(jax.random.fold_in(keys[i], ℓ), shape, dtype)``;
-     the returned state holds ``k``.
+     ``keys = jax.random.split(sub, m)``, z_i is
+     ``jax.random.normal(keys[i], (n,), dtype)`` (n shared entries, dtype their
+     common type) cut into the shared leaves in ``jax.tree_util`` order; the
+     returned state holds ``k``.
   3. ε_i = ``perturbation.update(ĝ, state, params, global_grads=g_0)`` (see
      :func:`samo_perturbation`), and ∇L_i(θ + ε_i) for all tasks in one vmapped
      call (or chunks; :func:`mtl_optax._src.sharpness.perturbed_task_grads`).
@@ -340,7 +358,7 @@ def samo_task_grads(
   mu = info.zo_eps
 
   def zeroth_order(i, key_i):
-    z = [None if h else _direction(key_i, k, p) for k, (p, h) in enumerate(zip(leaves, heads))]
+    z = _directions(key_i, leaves, heads)
     def at(sign):
       point = [p if zk is None else p + (sign * mu) * zk for p, zk in zip(leaves, z)]
       return single(jax.tree_util.tree_unflatten(treedef, point), i)
