@@ -12,7 +12,10 @@ step (per-task gradients, MGDA or UPGrad, Adam) of an MLP 32 → 128 → 128 →
   forward pass, m VJPs vmapped: each over the whole batch, so O(m²) work;
 * ``vmap_<agg>``: ``mo.task_grads(mode="vmap", chunk_size=None)``;
 * ``factored_<agg>``: ``mo.factored_task_grads``: the dense layers' blocks kept
-  as (activations, per-example output cotangents), Gram from the factors;
+  as (activations, per-example output cotangents), Gram from the factors, where
+  that costs fewer flops (``factorize="auto"``: at m = 128 = the layer width
+  nothing qualifies and it equals jacrev); ``factored-always_<agg>``: every
+  dense layer factored (``factorize="always"``: least memory);
 
 and, when the torch venv has torch + torchjd (``MTL_OPTAX_TORCH_PYTHON``,
 default ``.venv-torch/bin/python``), TorchJD's ``autogram`` engine
@@ -51,7 +54,7 @@ import _speed_harness as harness  # noqa: E402  pylint: disable=g-import-not-at-
 
 D_IN, HIDDEN = 32, 128
 AGGREGATORS = {"mgda": mo.mgda, "upgrad": mo.upgrad}
-ENGINES = ("jacrev", "vmap", "factored")
+ENGINES = ("jacrev", "vmap", "factored", "factored-always")
 
 
 def init_params(seed=0):
@@ -88,8 +91,10 @@ def build_step(name: str, m: int):
     tx = optax.chain(AGGREGATORS[agg](num_tasks=m), optax.adam(1e-3))
 
     def step(params, opt_state, batch):
-      if engine == "factored":
-        losses, g = mo.factored_task_grads(per_example_losses, params, *batch, chunk_size=None)
+      if engine.startswith("factored"):
+        losses, g = mo.factored_task_grads(
+            per_example_losses, params, *batch, chunk_size=None,
+            factorize="always" if engine == "factored-always" else "auto")
       else:
         losses, g = mo.task_grads(per_example_losses, params, *batch, mode=engine,
                                   chunk_size=None)
