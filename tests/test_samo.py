@@ -288,10 +288,11 @@ def test_chunking_and_determinism(x64):
   params, f, f_np, grad_np = small_problem()
   pert = mo.samo_perturbation(0.2, 0.5)
   state = pert.init(params)
-  _, a, s1 = small_samo(f, pert)(params, state)
+  run = small_samo(f, pert)
+  _, a, s1 = run(params, state)
   _, b, _ = small_samo(f, pert, chunk_size=2)(params, state)
   np.testing.assert_allclose(a["w"], b["w"], rtol=1e-12)
-  _, c, _ = small_samo(f, pert)(params, s1)  # new directions, new local parts
+  _, c, _ = run(params, s1)  # new directions, new local parts
   assert not np.allclose(c["w"], a["w"])
   np.testing.assert_allclose(
       c["w"], small_reference(params, f_np, grad_np, s1.key, rho=0.2, alpha=0.5,
