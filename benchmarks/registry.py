@@ -92,6 +92,9 @@ EXCLUDED = {
     "representation_grads", "representation_update", "aggregator_info", "diagnostics",
     "task_weights", "multi_batch_task_grads", "rotograd_rotation_loss", "rotograd_rotations",
     "rotograd_update", "cr_mogm", "grouped", "group_diagnostics",
+    # SAMO is a gradient engine (a perturbation + per-task SAM gradients), not an
+    # aggregator; the multi-MNIST Trainer would need its own step (PRNG key state).
+    "samo_perturbation", "samo_task_grads",
 }
 
 # The flat-vs-vanilla comparison of Phan et al. (Table 1).

@@ -81,6 +81,9 @@ from mtl_optax._src.grouped import grouped
 
 # --- sharpness-aware MTL (§C) ------------------------------------------------
 from mtl_optax._src.flat import flat
+from mtl_optax._src.samo import SamoState
+from mtl_optax._src.samo import samo_perturbation
+from mtl_optax._src.samo import samo_task_grads
 from mtl_optax._src.sharpness import sharpness_aware_task_grads
 from mtl_optax._src.sharpness import task_perturbation
 

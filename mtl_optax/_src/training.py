@@ -59,6 +59,11 @@ def _check_step_kwargs(tx, grads, opt_state, params, kwargs, step_kwargs):
           "that takes it (e.g. mo.auto_lambda for val_batch=) is part of tx.")
 
 
+def _samo():
+  from mtl_optax._src import samo  # pylint: disable=g-import-not-at-top
+  return samo
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformationExtraArgs,
@@ -81,7 +86,12 @@ def make_train_step(
   Sharpness-aware (flat) training: pass ``perturbation=mo.task_perturbation(...)``
   and a ``tx`` containing ``mo.flat(aggregator)``; the step then computes the
   SAM gradients with :func:`mtl_optax.sharpness_aware_task_grads` and passes
-  them as ``sam_grads=``.
+  them as ``sam_grads=``. With ``perturbation=mo.samo_perturbation(...)``
+  (SAMO) the step computes :func:`mtl_optax.samo_task_grads` and hands the
+  per-task SAM gradients to ``tx`` as its gradients (use a plain aggregator,
+  not ``mo.flat``); ``opt_state`` is then the pair ``(tx.init(params),
+  perturbation.init(params))`` (the perturbation's PRNG key advances every
+  step) and ``mode`` does not apply.
 
   Models with state (BatchNorm, dropout): with ``has_state=True`` the step is
   ``step(params, opt_state, model_state, *batch) -> (params, opt_state,
@@ -124,7 +134,8 @@ def make_train_step(
       ``chunk_size="auto"`` both are chosen together.
     has_aux: as in :func:`mtl_optax.task_grads`.
     has_state: the step carries a model state (see above; default False).
-    perturbation: optional ``mo.task_perturbation`` for flat aggregators.
+    perturbation: optional ``mo.task_perturbation`` for flat aggregators, or
+      ``mo.samo_perturbation`` (SAMO, see above).
     perturbation_groups: None (default: one perturbation from the globally
       reduced gradients) or the number of batch groups (e.g. data-parallel
       replicas) perturbed separately; see
@@ -140,6 +151,11 @@ def make_train_step(
     raise ValueError("make_train_step: perturbation_groups needs "
                      "perturbation=mo.task_perturbation(...).")
 
+  samo = perturbation is not None and _samo().samo_info(perturbation) is not None
+  if samo and (perturbation_groups is not None or mode == "factored"):
+    raise ValueError("make_train_step: perturbation=mo.samo_perturbation(...) combines with "
+                     "neither perturbation_groups nor mode='factored'.")
+
   if mode == "factored" and perturbation is not None:
     raise ValueError("make_train_step: mode='factored' does not combine with "
                      "perturbation= (flat aggregators need stacked gradients).")
@@ -153,6 +169,18 @@ def make_train_step(
     if has_state and not batch:
       raise ValueError("make_train_step(has_state=True): call step(params, opt_state, "
                        "model_state, *batch).")
+    if samo:
+      if not (isinstance(opt_state, tuple) and len(opt_state) == 2
+              and isinstance(opt_state[1], _samo().SamoState)):
+        raise ValueError("make_train_step(perturbation=mo.samo_perturbation(...)): opt_state "
+                         "must be the pair (tx.init(params), perturbation.init(params)).")
+      tx_state, p_state = opt_state
+      out, grads, p_state = _samo().samo_task_grads(
+          loss_fn, params, *batch, perturbation=perturbation, perturbation_state=p_state,
+          **options)
+      losses, aux = out if task_grads_lib.outputs_aux(has_aux, has_state) else (out, None)
+      updates, tx_state = apply_tx(grads, tx_state, params, losses, extra, step_kwargs)
+      return finish(optax.apply_updates(params, updates), (tx_state, p_state), losses, aux)
     step_mode, step_options = mode, options
     if mode == "auto":   # resolved at trace time, from the program and tx
       choice = engine_lib.resolve_engine(
@@ -173,11 +201,16 @@ def make_train_step(
           perturbation_groups=perturbation_groups, **step_options)
       extra["sam_grads"] = sam_grads
     losses, aux = out if task_grads_lib.outputs_aux(has_aux, has_state) else (out, None)
-    extra["losses"] = losses
+    updates, opt_state = apply_tx(grads, opt_state, params, losses, extra, step_kwargs)
+    return finish(optax.apply_updates(params, updates), opt_state, losses, aux)
+
+  def apply_tx(grads, tx_state, params, losses, extra, step_kwargs):
+    extra = dict(extra, losses=losses)
     if step_kwargs:
-      _check_step_kwargs(tx, grads, opt_state, params, extra, step_kwargs)
-    updates, opt_state = tx.update(grads, opt_state, params, **extra, **step_kwargs)
-    params = optax.apply_updates(params, updates)
+      _check_step_kwargs(tx, grads, tx_state, params, extra, step_kwargs)
+    return tx.update(grads, tx_state, params, **extra, **step_kwargs)
+
+  def finish(params, opt_state, losses, aux):
     if has_state:
       new_state, aux = aux if has_aux else (aux, None)
       return params, opt_state, new_state, losses, aux
