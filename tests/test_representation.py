@@ -1,7 +1,6 @@
 """MGDA-UB: mgda through the shared-representation path equals an explicit reference."""
 
-import re
-import textwrap
+import doctest
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +87,11 @@ def test_mgda_ub_differs_from_mgda_on_parameters(x64):
 
 def test_docstring_example_runs():
   """The MGDA-UB example in ``mo.mgda``'s docstring stays valid."""
-  doc = mo.mgda.__doc__
-  block = re.search(r"Example \(MGDA-UB.*?::\n\n(.*?)\n\n", doc, re.S).group(1)
+  examples = doctest.DocTestParser().get_examples(mo.mgda.__doc__)
+  assert examples, "mo.mgda's docstring lost its MGDA-UB example"
   env = {"jnp": jnp, "mo": mo}
-  exec(textwrap.dedent(block), env)  # pylint: disable=exec-used
+  for example in examples:
+    exec(example.source, env)  # pylint: disable=exec-used
   w = np.asarray(env["weights"])
   assert w.shape == (3,) and np.all(w >= 0) and abs(w.sum() - 1) < 1e-6
   assert env["trunk_update"]["w"].shape == (4, 16)
