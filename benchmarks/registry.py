@@ -80,6 +80,9 @@ REGISTRY: dict[str, Spec] = {
     "conicgrad": _s("conicgrad", "ConicGrad"),
     # Two tasks only; both minimised here (no forget task): the normalised gradient sum.
     "ngdiff": _s("ngdiff", "NGDiff", ascend_forget=False),
+    # Wrappers, on MGDA: an EMA of its weights (CR-MOGM), MGDA per layer (grouped).
+    "cr_mogm": _s("cr_mogm", "CR-MOGM (MGDA)", aggregator=mo.mgda()),
+    "grouped_mgda": _s("grouped", "MGDA per layer", aggregator=mo.mgda()),
 }
 
 # Public factories the generic harness does not run: they need a weight vector
