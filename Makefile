@@ -8,7 +8,7 @@ HASH := $(shell cat pyproject.toml | md5sum | cut -c1-8)
 STAMP := $(VENV)/.installed-$(HASH)
 CHECKS_STAMP := $(VENV)/.installed-checks-$(HASH)
 
-.PHONY: demo test venv bench clean docs lint typecheck wheel
+.PHONY: demo test test-all venv bench clean docs lint typecheck wheel
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# Every sweep in full (all task counts, every method in the checkpoint sweep, every
+# method on the 8-device mesh): what `make test` reduces, see tests/registry.py.
+test-all: venv
+	MTL_OPTAX_FULL_TESTS=1 MTL_OPTAX_SHARDING_ALL=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The extras of the checks below (one install for all four), once per pyproject.toml version.
 $(CHECKS_STAMP): $(STAMP)

@@ -8,9 +8,16 @@ the facts the generic suites need.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import mtl_optax as mo
+
+# `make test` runs the costliest sweeps in a reduced form (fewer task counts in the
+# adversarial-input sweep, the stateful methods only in the checkpoint sweep, fewer
+# methods on the 8-device mesh); `make test-all` sets MTL_OPTAX_FULL_TESTS=1 and runs
+# every sweep in full. Each reduced sweep says what it keeps.
+FULL_TESTS = os.environ.get("MTL_OPTAX_FULL_TESTS") == "1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ small set so that each (method, shape, dtype) compiles once (compilation is
 most of the suite's time, so the counts are split between the dtypes: float32
 {1, 2, 5, 16, 64}, bfloat16 {3, 64}, float64 {2, 16, 64}); hypothesis varies
 the values. Profiles: HYPOTHESIS_PROFILE=ci (default, CI budget) or =long.
+`make test` uses fewer task counts (TASK_COUNTS below), `make test-all` all of them.
 """
 
 import functools
@@ -24,10 +25,13 @@ import pytest
 from hypothesis import strategies as st
 
 import mtl_optax as mo
-from tests.registry import ENTRIES
+from tests.registry import ENTRIES, FULL_TESTS
 
 N = 6
-TASK_COUNTS = {"float32": (1, 2, 5, 16, 64), "bfloat16": (3, 64), "float64": (2, 16, 64)}
+# `make test`: one small, one odd and one large m per method (m = 1 has its own
+# tests in test_reliability.py); `make test-all`: every count below.
+TASK_COUNTS = ({"float32": (1, 2, 5, 16, 64), "bfloat16": (3, 64), "float64": (2, 16, 64)}
+               if FULL_TESTS else {"float32": (2, 16), "bfloat16": (3,), "float64": (5,)})
 EXAMPLES = {"ci": 25, "long": 500}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
 EXAMPLES_F64 = max(EXAMPLES // 2 + 1, 4)
 
