@@ -82,7 +82,8 @@ REGISTRY: dict[str, Spec] = {
     "ngdiff": _s("ngdiff", "NGDiff", ascend_forget=False),
     # Wrappers, on MGDA: an EMA of its weights (CR-MOGM), MGDA per layer (grouped).
     "cr_mogm": _s("cr_mogm", "CR-MOGM (MGDA)", aggregator=mo.mgda()),
-    "grouped_mgda": _s("grouped", "MGDA per layer", aggregator=mo.mgda()),
+    # (The inner state is built for the harness's two tasks: constant scan carry.)
+    "grouped_mgda": _s("grouped", "MGDA per layer", aggregator=mo.mgda(num_tasks=2)),
 }
 
 # Public factories the generic harness does not run: they need a weight vector

@@ -83,7 +83,12 @@ def test_unknown_transformation_is_not_factored():
 def test_chunking_vmapped_for_convolutions_sequential_for_dense_on_cpu():
   params, batch = _conv_problem()
   assert mo.resolve_engine(_conv_loss, params, *batch).chunk_size is None
-  assert mo.resolve_engine(_mlp_loss, _mlp_params(), *_mlp_batch()).chunk_size == 1
+  # Dense model, stacked rows (batch too large to factor): tasks in sequence.
+  big = tuple(jnp.tile(a, (64, 1)) for a in _mlp_batch())
+  assert mo.resolve_engine(_mlp_loss, _mlp_params(), *big).chunk_size == 1
+  # Every dense layer factored: only cotangents propagate, vmapped.
+  choice = mo.resolve_engine(_mlp_loss, _mlp_params(), *_mlp_batch())
+  assert (choice.mode, choice.chunk_size) == ("factored", None), choice.reason
   # A convolution nested in a jitted function (as Flax modules produce) is found too.
   nested = jax.jit(_conv_loss)
   assert mo.resolve_engine(nested, params, *batch).chunk_size is None
@@ -149,3 +154,19 @@ def test_validation_batch_methods_stay_stacked():
   step = mo.make_train_step(_mlp_loss, tx)
   new_params = step(params, opt_state, *batch, val_batch=batch)[0]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new_params))
+
+
+def test_row_readers_use_factors_only_when_forming_rows_is_cheap():
+  rng = np.random.default_rng(2)
+  wide = {"w": jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32),
+          "heads": jnp.asarray(rng.standard_normal((M, 64)) / 8, jnp.float32)}
+  x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((4, M)), jnp.float32)
+  tx = _tx("config")
+  # N(K + mD)/(mKD) = 4·(64 + 192)/(3·64·64) ≈ 8 % extra flops: factored, vmapped.
+  choice = mo.resolve_engine(_mlp_loss, wide, x, y, tx=tx, opt_state=tx.init(wide))
+  assert (choice.mode, choice.chunk_size) == ("factored", None), choice.reason
+  # The default tiny MLP: 4·(16 + 36)/(3·16·12) ≈ 36 % extra: stacked rows.
+  params = _mlp_params()
+  choice = mo.resolve_engine(_mlp_loss, params, *_mlp_batch(), tx=tx, opt_state=tx.init(params))
+  assert choice.mode == "jacrev", choice.reason

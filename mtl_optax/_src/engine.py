@@ -38,6 +38,13 @@ _LOG = logging.getLogger("mtl_optax")
 
 # Primitives whose task-batched backward is faster than sequential ones on CPU.
 _BATCH_FRIENDLY = ("conv_general_dilated",)
+# Row-reading aggregators use the factored engine when forming the rows from the
+# factors costs at most this fraction of extra flops (benchmarks/engine_choice.py:
+# at 3-14 % it was 1.0-1.9x faster than the stacked engine, at 28-38 % 1.1-1.2x slower).
+_ROWS_FROM_FACTORS_MAX_EXTRA = 0.25
+# Share of the dense weight-gradient flops factored above which the factored
+# engine's cotangent passes are vmapped (the rest then hardly matters).
+_WHOLE_COVERAGE = 0.9
 
 
 class EngineChoice(NamedTuple):
@@ -151,21 +158,36 @@ def resolve_engine(
   if perturbation:
     return EngineChoice("jacrev", chunk, f"stacked ({batching}): a flat step needs stacked "
                                          "SAM gradients")
-  sites = factored_lib.find_factorable(closed.jaxpr, len(leaves), m)
-  if not sites:
+  summary = factored_lib.factoring_summary(closed.jaxpr, len(leaves), m)
+  if not summary.factored:
     return EngineChoice("jacrev", chunk, f"stacked ({batching}): no dense product is cheaper "
                                          "factored")
+  rows = False
   if tx is not None:
     grads_shape = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct((m,) + jax.numpy.shape(p), jax.numpy.result_type(p)),
         params)
     losses_shape = (out_shape[0] if outputs_aux else out_shape)
     rows = reads_rows(tx, grads_shape, opt_state, params, losses_shape, tx_kwargs or {})
-    if rows is None or rows:
-      why = "the aggregator reads the gradient rows" if rows else "the aggregator is unknown"
-      return EngineChoice("jacrev", chunk, f"stacked ({batching}): {why}")
-  return EngineChoice("factored", chunk, f"factored ({batching}): {len(sites)} dense "
-                                         "product(s) cheaper as factors, Gram-only aggregator")
+  if rows is None:
+    return EngineChoice("jacrev", chunk, f"stacked ({batching}): the transformation could not "
+                                         "be traced on stacked gradients")
+  # (Nearly) every dense layer factored: the m backward passes only propagate
+  # cotangents, and a task-batched (vmapped) propagation is then the fastest on CPU too.
+  whole = summary.coverage >= _WHOLE_COVERAGE
+  if rows:
+    # Rows formed from the factors cost N(K + mD)/(mKD) more flops than the stacked
+    # weight gradients, but come in one batched product instead of m small ones.
+    if whole and summary.extra < _ROWS_FROM_FACTORS_MAX_EXTRA:
+      return EngineChoice("factored", None, "factored (vmapped): rows formed from the factors "
+                                            f"(+{summary.extra:.0%} flops) in one batched product")
+    return EngineChoice("jacrev", chunk, f"stacked ({batching}): the aggregator reads the "
+                                         "gradient rows")
+  chunk = None if whole else chunk
+  batching = "vmapped" if chunk is None else "sequential"
+  return EngineChoice("factored", chunk, f"factored ({batching}): {summary.factored} dense "
+                                         f"product(s), {summary.coverage:.0%} of the dense "
+                                         "flops, cheaper as factors; Gram-only aggregator")
 
 
 def log_choice(choice: EngineChoice):

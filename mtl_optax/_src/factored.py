@@ -35,7 +35,7 @@ primitives (``scan``, ``cond``, ``remat``, ``custom_vjp``, ...) stay stacked.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,9 +121,39 @@ def _find_sites(jaxpr, num_params: int, m: int, factorize: str) -> dict:
   return sites
 
 
-def find_factorable(jaxpr, num_params: int, m: int) -> dict:
-  """The products ``factorize="auto"`` would factor (empty: the engine would be stacked)."""
-  return _find_sites(jaxpr, num_params, m, "auto")
+class FactoringSummary(NamedTuple):
+  """How much of a loss the factored engine would factor (for ``mode="auto"``).
+
+  Attributes:
+    factored: the number of products ``factorize="auto"`` factors.
+    coverage: their share of the weight-gradient flops (N·K·D) of all eligible
+      products (``factorize="always"``).
+    extra: Σ N²(K + mD) / Σ mNKD over the factored products: the flops of the
+      factored Gram relative to the m weight gradients, which is also what
+      forming the rows from the factors costs on top of the stacked engine.
+  """
+  factored: int
+  coverage: float
+  extra: float
+
+
+def factoring_summary(jaxpr, num_params: int, m: int) -> FactoringSummary:
+  """The :class:`FactoringSummary` of a loss's jaxpr for m tasks."""
+  auto = _find_sites(jaxpr, num_params, m, "auto")
+  every = _find_sites(jaxpr, num_params, m, "always")
+
+  def sizes(path, site):
+    a = _eqn_at(jaxpr, path).invars[1 - site.w_side].aval
+    return (math.prod(a.shape[d] for d in site.a_free),
+            math.prod(site.w_shape[d] for d in site.w_contract),
+            math.prod(site.w_shape[d] for d in site.w_free))
+
+  total = sum(math.prod(sizes(p, s)) for p, s in every.items())
+  covered = sum(math.prod(sizes(p, s)) for p, s in auto.items())
+  factored_sizes = [sizes(p, s) for p, s in auto.items()]
+  grads = sum(m * n * k * d for n, k, d in factored_sizes)
+  extra = sum(n * n * (k + m * d) for n, k, d in factored_sizes) / grads if grads else 0.0
+  return FactoringSummary(len(auto), covered / total if total else 0.0, extra)
 
 
 def _eval(jaxpr, consts, args, path, sites, perts, acts):
