@@ -162,7 +162,7 @@ def resolve_engine(
   if not summary.factored:
     return EngineChoice("jacrev", chunk, f"stacked ({batching}): no dense product is cheaper "
                                          "factored")
-  rows = False
+  rows: Optional[bool] = False
   if tx is not None:
     grads_shape = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct((m,) + jax.numpy.shape(p), jax.numpy.result_type(p)),
