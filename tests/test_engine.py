@@ -48,6 +48,16 @@ def _conv_problem():
   return params, (x, y)
 
 
+def _wide_problem():
+  """A 64-wide layer at batch 4: all but 4 % of the parameters factored, extra ≈ 8 %."""
+  rng = np.random.default_rng(2)
+  wide = {"w": jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32),
+          "heads": jnp.asarray(rng.standard_normal((M, 64)) / 8, jnp.float32)}
+  x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((4, M)), jnp.float32)
+  return wide, x, y
+
+
 def _tx(name):
   kwargs = {"num_tasks": M} if name == "excess_mtl" else {}
   return optax.chain(getattr(mo, name)(**kwargs), optax.sgd(0.1))
@@ -86,9 +96,14 @@ def test_chunking_vmapped_for_convolutions_sequential_for_dense_on_cpu():
   # Dense model, stacked rows (batch too large to factor): tasks in sequence.
   big = tuple(jnp.tile(a, (64, 1)) for a in _mlp_batch())
   assert mo.resolve_engine(_mlp_loss, _mlp_params(), *big).chunk_size == 1
-  # Every dense layer factored: only cotangents propagate, vmapped.
-  choice = mo.resolve_engine(_mlp_loss, _mlp_params(), *_mlp_batch())
+  # Every dense layer factored, batch small for the widths: only cotangents
+  # propagate, vmapped.
+  wide, x, y = _wide_problem()
+  choice = mo.resolve_engine(_mlp_loss, wide, x, y)
   assert (choice.mode, choice.chunk_size) == ("factored", None), choice.reason
+  # Part of the parameters stays stacked (84 % factored): sequential.
+  choice = mo.resolve_engine(_mlp_loss, _mlp_params(), *_mlp_batch())
+  assert (choice.mode, choice.chunk_size) == ("factored", 1), choice.reason
   # A convolution nested in a jitted function (as Flax modules produce) is found too.
   nested = jax.jit(_conv_loss)
   assert mo.resolve_engine(nested, params, *batch).chunk_size is None
@@ -157,11 +172,7 @@ def test_validation_batch_methods_stay_stacked():
 
 
 def test_row_readers_use_factors_only_when_forming_rows_is_cheap():
-  rng = np.random.default_rng(2)
-  wide = {"w": jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32),
-          "heads": jnp.asarray(rng.standard_normal((M, 64)) / 8, jnp.float32)}
-  x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
-  y = jnp.asarray(rng.standard_normal((4, M)), jnp.float32)
+  wide, x, y = _wide_problem()
   tx = _tx("config")
   # N(K + mD)/(mKD) = 4·(64 + 192)/(3·64·64) ≈ 8 % extra flops: factored, vmapped.
   choice = mo.resolve_engine(_mlp_loss, wide, x, y, tx=tx, opt_state=tx.init(wide))

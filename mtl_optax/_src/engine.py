@@ -18,10 +18,12 @@ run time, no Python state):
   its im2col-style layout work, shared by the batched call). On GPU/TPU the
   batched call is always preferred.
 
-The rule was measured on MLPs (widths 256 and 1024, m = 2 and 8), the
-multi-MNIST LeNet, a BatchNorm + dropout CNN and the BatchNorm ResNet at batch
-32–256 with a Gram-only and a row-reading aggregator: ``python -m
-benchmarks.engine_choice`` (table in benchmarks/README.md).
+The rule (:func:`resolve_engine`) was measured on MLPs (widths 256 and 1024,
+m = 2 and 8), the multi-MNIST LeNet, a BatchNorm + dropout CNN and the
+BatchNorm ResNet at batch 32–256 with a Gram-only and a row-reading aggregator:
+``python -m benchmarks.engine_choice`` (table in benchmarks/README.md). Its
+thresholds were fitted to that one run (2-core CPU): treat them as a measured
+default, not a law; pass ``mode=``/``chunk_size=`` to override.
 """
 
 from __future__ import annotations
@@ -38,13 +40,23 @@ _LOG = logging.getLogger("mtl_optax")
 
 # Primitives whose task-batched backward is faster than sequential ones on CPU.
 _BATCH_FRIENDLY = ("conv_general_dilated",)
-# Row-reading aggregators use the factored engine when forming the rows from the
-# factors costs at most this fraction of extra flops (benchmarks/engine_choice.py:
-# at 3-14 % it was 1.0-1.9x faster than the stacked engine, at 28-38 % 1.1-1.2x slower).
-_ROWS_FROM_FACTORS_MAX_EXTRA = 0.25
-# Share of the dense weight-gradient flops factored above which the factored
-# engine's cotangent passes are vmapped (the rest then hardly matters).
-_WHOLE_COVERAGE = 0.9
+# Thresholds measured with benchmarks/engine_choice.py (README table). "extra" is
+# N(K + mD)/(mKD), the factored Gram's flops over the m weight gradients' (small when
+# the batch is small for the layer widths); "coverage" the share of the parameters
+# that are factored.
+# Below this coverage the factored layers are a detail (a ResNet's dense head): the
+# factored engine's overhead is not repaid.
+_MIN_COVERAGE = 0.5
+# Gram-only aggregators: the factored engine's cotangent passes are vmapped when the
+# model is (nearly) all dense layers and extra < 0.4 (1.0-1.7x faster than sequential
+# passes on the MLPs; the LeNet, extra 0.34 but 10 % of its parameters in
+# convolutions, was 1.7x slower vmapped).
+_WHOLE_COVERAGE = 0.95
+_VMAP_MAX_EXTRA = 0.4
+# Row-reading aggregators use the factored engine (vmapped) when extra < 0.25: at
+# 4-15 % it was 1.0-1.9x faster than stacked rows, at 28-38 % 1.1-1.2x slower.
+_ROWS_MAX_EXTRA = 0.25
+
 
 
 class EngineChoice(NamedTuple):
@@ -119,14 +131,21 @@ def resolve_engine(
   Rule (measured: ``python -m benchmarks.engine_choice``):
 
   1. A flat (sharpness-aware) step (``perturbation``) uses stacked rows.
-  2. Otherwise the factored engine is used when ``loss_fn`` has at least one
-     dense product whose factored Gram is cheaper than its m weight
-     gradients and ``tx`` only reads the Gram matrix (it is traced abstractly
-     once to find out; any rule returning its own ``shared_update`` or
-     declaring ``AggregatorInfo.reads_rows`` reads the rows). Else stacked.
-  3. Tasks are vmapped (``chunk_size=None``) on GPU/TPU and, on CPU, when the
-     loss contains a convolution; otherwise they run in sequence
-     (``chunk_size=1``).
+  2. The dense products whose factored Gram is cheaper than their m weight
+     gradients (the factored engine's own cost rule) are found in the jaxpr;
+     with "coverage" the share of the parameters they hold and "extra" =
+     Σ N²(K + mD) / Σ mNKD (small when the batch is small for the widths):
+     stacked rows if nothing is factored or coverage < 0.5.
+  3. ``tx`` is traced abstractly once to find whether it reads the gradient
+     rows (a rule returning ``shared_update`` or declaring
+     ``AggregatorInfo.reads_rows``). Gram-only: the factored engine, its
+     passes vmapped when coverage ≥ 0.95 and extra < 0.4. Row readers: the
+     factored engine (vmapped) only when coverage ≥ 0.95 and extra < 0.25
+     (the rows then come from the factors in one batched product), else
+     stacked rows.
+  4. Otherwise tasks are vmapped (``chunk_size=None``) on GPU/TPU and, on CPU,
+     when the loss contains a convolution, and run in sequence
+     (``chunk_size=1``) for other models on CPU.
 
   Args:
     loss_fn, params, *args, **kwargs: as for :func:`mtl_optax.task_grads`
@@ -162,6 +181,9 @@ def resolve_engine(
   if not summary.factored:
     return EngineChoice("jacrev", chunk, f"stacked ({batching}): no dense product is cheaper "
                                          "factored")
+  if summary.coverage < _MIN_COVERAGE:
+    return EngineChoice("jacrev", chunk, f"stacked ({batching}): the layers cheaper as factors "
+                                         f"hold {summary.coverage:.0%} of the parameters")
   rows: Optional[bool] = False
   if tx is not None:
     grads_shape = jax.tree_util.tree_map(
@@ -172,22 +194,25 @@ def resolve_engine(
   if rows is None:
     return EngineChoice("jacrev", chunk, f"stacked ({batching}): the transformation could not "
                                          "be traced on stacked gradients")
-  # (Nearly) every dense layer factored: the m backward passes only propagate
-  # cotangents, and a task-batched (vmapped) propagation is then the fastest on CPU too.
-  whole = summary.coverage >= _WHOLE_COVERAGE
+  # (Nearly) every parameter factored: the m backward passes only propagate cotangents
+  # through dense layers, and a task-batched (vmapped) propagation is then the fastest
+  # on CPU too.
+  # With a batch that is small for the layers (N(K + mD)/(mKD) small) the m sequential
+  # passes cost more in loop overhead than they save.
+  dense = summary.coverage >= _WHOLE_COVERAGE
   if rows:
     # Rows formed from the factors cost N(K + mD)/(mKD) more flops than the stacked
     # weight gradients, but come in one batched product instead of m small ones.
-    if whole and summary.extra < _ROWS_FROM_FACTORS_MAX_EXTRA:
+    if dense and summary.extra < _ROWS_MAX_EXTRA:
       return EngineChoice("factored", None, "factored (vmapped): rows formed from the factors "
                                             f"(+{summary.extra:.0%} flops) in one batched product")
     return EngineChoice("jacrev", chunk, f"stacked ({batching}): the aggregator reads the "
                                          "gradient rows")
-  chunk = None if whole else chunk
+  chunk = None if dense and summary.extra < _VMAP_MAX_EXTRA else chunk
   batching = "vmapped" if chunk is None else "sequential"
   return EngineChoice("factored", chunk, f"factored ({batching}): {summary.factored} dense "
-                                         f"product(s), {summary.coverage:.0%} of the dense "
-                                         "flops, cheaper as factors; Gram-only aggregator")
+                                         f"product(s) ({summary.coverage:.0%} of the parameters) "
+                                         "cheaper as factors; Gram-only aggregator")
 
 
 def log_choice(choice: EngineChoice):
