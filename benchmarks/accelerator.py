@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 import mtl_optax as mo
+from mtl_optax import models as mo_models
 from benchmarks import speed as speed_bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -71,8 +72,8 @@ def mlp_problem(m: int, batch: int, width: int):
 
 
 def resnet_problem(m: int, batch: int, full: bool):
-  model = (mo.models.multi_task_resnet18(m, conv_impl="flax") if full
-           else mo.models.multi_task_resnet_small(m))
+  model = (mo_models.multi_task_resnet18(m, conv_impl="flax") if full
+           else mo_models.multi_task_resnet_small(m))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((batch, 36, 36, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, (batch, m)), jnp.int32)
