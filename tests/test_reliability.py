@@ -35,6 +35,31 @@ def test_adversarial_inputs_float32(name):
   run()
 
 
+@pytest.mark.parametrize("method", ["mgda", "cagrad_c1", "imtl"])
+def test_float32_rows_whose_squares_underflow(method):
+  """Rows of norm ~1e-21 have ‖g_i‖² below float32's normal range (flushed to 0 on
+  CPU): they must not be mistaken for zero rows. Weights of these scale-invariant
+  methods equal those of the same rows scaled by 2⁷⁰; the diagnostics report the
+  true norms. (A hypothesis case found this: CAGrad with c = 1 returned a conflicting
+  direction because every row looked like zero.)"""
+  rng = np.random.default_rng(3)
+  signs = rng.choice([-1.0, 1.0], size=(5, 1)) * rng.uniform(0.5, 4.0, size=(5, 1))
+  j = signs * rng.standard_normal((1, N)) + 0.3 * rng.standard_normal((5, N))
+  tiny = 2.0 ** -70   # ≈ 8.5e-22: exact rescaling, ‖g_i‖² ≈ 1e-42 is subnormal
+  fn, state, params = compiled(method, 5, "float32")
+  losses = jnp.ones((5,), jnp.float32)
+  _, small = fn({"w": jnp.asarray(tiny * j, jnp.float32)}, state, params, losses)
+  _, unit = fn({"w": jnp.asarray(j, jnp.float32)}, state, params, losses)
+  # The two inputs take different Gram paths (norms vs row maxima as scales), so
+  # their Gram matrices differ by float32 round-off; on this nearly rank-one
+  # problem MGDA's weights move by ~1e-5 under such a perturbation (the same
+  # spread as between the unscaled rows and rows scaled by 2⁻³⁰). Broken
+  # handling gives uniform or zero weights, off by > 0.05.
+  np.testing.assert_allclose(mo.task_weights(small), mo.task_weights(unit), atol=5e-5)
+  np.testing.assert_allclose(np.asarray(mo.diagnostics(small)["norms"], np.float64),
+                             tiny * np.linalg.norm(j, axis=1), rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_single_task_reduces_to_a_multiple_of_the_gradient(name):
   if ENTRIES[name].min_tasks > 1:

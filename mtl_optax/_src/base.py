@@ -260,12 +260,14 @@ def _gram_and_finite(gram, shared_fn, heads_finite, m):
   ``gram`` is the plain Gram matrix G = JJᵀ of the shared leaves and
   ``shared_fn()`` returns those leaves (called only on the rare exact path, so a
   factored Jacobian is not materialised otherwise). When G's diagonal is finite
-  and every non-zero ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every task row is finite (a
+  and every ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every task row is finite (a
   NaN or inf entry makes ‖g_i‖² non-finite), no product or sum over- or
   underflows beyond round-off (underflowed products total < P·2⁻¹²⁶ ≪
   eps·2⁻⁴⁰), and the per-row-scaled pair follows exactly from G: s_i = the power
   of two nearest ‖g_i‖, R = diag(1/s) G diag(1/s). Otherwise (non-finite
-  entries; gradients beyond ~1e±12 ... 1e15) the exact path runs instead
+  entries; gradients beyond ~1e±12 ... 1e15; a zero ‖g_i‖², which is either a
+  zero row or a row of ~1e-23 whose squares underflowed in float32 and cannot
+  be told apart from G alone) the exact path runs instead
   (``lax.cond``: one branch executes): per-task finiteness, non-finite rows
   zeroed, rows divided by powers of two near their largest entry before the
   products. The common case thus reads the gradients once, not four times
@@ -275,7 +277,7 @@ def _gram_and_finite(gram, shared_fn, heads_finite, m):
   ``heads_finite`` (the task-specific leaves and the losses).
   """
   diag = jnp.diagonal(gram)
-  in_range = (diag == 0) | ((diag >= _FAST_MIN_SQ_NORM) & (diag <= _FAST_MAX_SQ_NORM))
+  in_range = (diag >= _FAST_MIN_SQ_NORM) & (diag <= _FAST_MAX_SQ_NORM)
   fast = jnp.all(jnp.isfinite(diag) & in_range)
 
   def one_pass(_):
