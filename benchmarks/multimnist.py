@@ -33,6 +33,18 @@ statistics as a model state through the epoch scan (``has_state=True`` in
 baselines likewise) and evaluate with the running averages; the other
 encoders carry an empty state and run exactly as before.
 
+Methods with step inputs beyond the gradients (declared in their registry
+entry, see ``benchmarks/registry.py``): the bilevel methods (Auto-Lambda, MOML,
+FORUM) are built with :func:`batch_loss_fn` and receive ``val_batch=`` (and
+FORUM ``train_batch=``): each step draws a validation mini-batch of the same
+size from the validation split (consecutive shuffles, independent of the
+training permutation). **These methods thus train their task weights on the
+validation split that also selects the learning rate and the best epoch** --
+the protocol of Auto-Lambda's and LibMTL's code, not a held-out validation; their
+numbers are not strictly comparable with the other methods'. SAMO (``engine=
+"samo"``) computes the gradients with ``mo.samo_task_grads`` and carries the
+perturbation's PRNG state in the optimizer state.
+
 Outputs ``benchmarks/results/multimnist_<tasks>_<tag>.json`` and ``.png``.
 """
 
@@ -103,9 +115,50 @@ def heads_mask(path, leaf):  # pylint: disable=unused-argument
 _EVAL_CACHE: dict = {}
 
 
+def batch_loss_fn(model: models.MultiTaskModel) -> Callable:
+  """The model's per-task losses as ``fn(params, model_state, images, targets) -> (m,)``.
+
+  The loss-function argument of the bilevel methods (``registry.Spec.needs``
+  has ``"loss_fn"``): their batches are the tuples ``(model_state, images,
+  targets)``, so the model state (BatchNorm statistics; ``{}`` without) travels
+  inside the batch and ``fn`` is one static function. Training mode (BatchNorm
+  normalises with the batch's statistics); the new statistics are discarded, so
+  the validation and look-ahead passes never move the running averages.
+  """
+  def fn(params, model_state, images, targets):
+    losses, _ = model.stateful_task_losses(params, model_state,
+                                           {"images": images, "targets": targets})
+    return losses
+  return fn
+
+
+def _val_indices(key, n_val: int, steps: int, bs: int) -> jax.Array:
+  """``(steps, bs)`` validation indices: consecutive shuffles of the split, cut in batches.
+
+  As iterating a shuffled validation loader that restarts when exhausted (the
+  reference codes' ``val_loader``); a batch straddling two shuffles may repeat
+  an image.
+  """
+  reps = -(-steps * bs // n_val)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, n_val))(jax.random.split(key, reps))
+  return perms.reshape(-1)[:steps * bs].reshape(steps, bs)
+
+
 @dataclasses.dataclass
 class Trainer:
-  """A compiled epoch + evaluation for one (model, aggregator) pair."""
+  """A compiled epoch + evaluation for one (model, aggregator) pair.
+
+  ``needs`` and ``engine`` come from the method's registry entry
+  (``registry.build``'s meta): ``"val_batch"`` / ``"train_batch"`` in ``needs``
+  pass ``val_batch=`` / ``train_batch=`` (tuples ``(model_state, images,
+  targets)``, see :func:`batch_loss_fn`) to ``tx.update``, the validation
+  mini-batch drawn from the validation split each step (same batch size; the
+  split is an input of the compiled epoch); ``engine="samo"`` computes the
+  gradients with ``mo.samo_task_grads`` and carries the perturbation's PRNG
+  state in the optimizer state ``(tx_state, samo_state)``. The default (no
+  needs, ``"task_grads"``) compiles exactly the program it did before these
+  options existed.
+  """
   model: models.MultiTaskModel
   agg: Any
   flat: bool
@@ -114,22 +167,40 @@ class Trainer:
   rho: float
   adaptive: bool
   sam_norm: str = "joint"
+  needs: tuple = ()
+  engine: str = "task_grads"
+  engine_kwargs: dict = dataclasses.field(default_factory=dict)
   epoch_fn: Callable = None
   eval_fn: Callable = None
+
+  @property
+  def needs_val(self) -> bool:
+    return "val_batch" in self.needs
+
+  def _samo(self, seed: int = 0):
+    return mo.samo_perturbation(task_specific=heads_mask, seed=seed, **self.engine_kwargs)
 
   def __post_init__(self):
     m = self.model.num_tasks
     model, agg, bs = self.model, self.agg, self.batch_size
+    if self.engine not in ("task_grads", "samo"):
+      raise ValueError(f"Trainer: unknown gradient engine {self.engine!r}")
+    if self.engine != "task_grads" and (self.flat or agg is None):
+      raise ValueError(f"Trainer: engine {self.engine!r} runs plain (non-flat) aggregators")
     perturb = None
     if self.flat:
       perturb = mo.task_perturbation(rho_shared=self.rho, rho_task=self.rho,
                                      adaptive=self.adaptive, task_specific=heads_mask,
                                      norm=self.sam_norm)
+    # The compiled update only reads the perturbation's static settings; its seed only sets the
+    # initial state (per run, in init).
+    samo = self._samo() if self.engine == "samo" else None
+    needs = self.needs
 
     # (losses, new model state); stateless encoders carry {} unchanged.
     losses_fn = model.stateful_task_losses
 
-    def body(tx, ep, carry, idx, images, targets):
+    def body(tx, ep, carry, idx, images, targets, vidx=None, val=None):
       p, s, ms = carry   # ms: model state (BatchNorm statistics; {} if none)
       batch = {"images": images[idx], "targets": tuple(t[idx] for t in targets)}
       extra = {"epoch": ep}   # epoch-based methods (DWA, GradNorm) read it; others ignore it
@@ -141,7 +212,16 @@ class Trainer:
         u, s = tx.update(g, s, p)
         return (optax.apply_updates(p, u), s, ms), (loss[None], jnp.ones((1,), jnp.float32),
                                                     jnp.float32(1.0))
-      if perturb is None:
+      # Bilevel inputs, with the model state of the gradients' pass (batch_loss_fn's tuples).
+      if "train_batch" in needs:
+        extra["train_batch"] = (ms, batch["images"], batch["targets"])
+      if "val_batch" in needs:
+        extra["val_batch"] = (ms, val[0][vidx], tuple(t[vidx] for t in val[1]))
+      if samo is not None:
+        s, ps = s   # (tx state, SAMO perturbation state)
+        (losses, ms), g, ps = mo.samo_task_grads(losses_fn, p, ms, batch, perturbation=samo,
+                                                 perturbation_state=ps, has_state=True)
+      elif perturb is None:
         (losses, ms), g = mo.task_grads(losses_fn, p, ms, batch, has_state=True)
       else:
         (losses, ms), g, sam = mo.sharpness_aware_task_grads(
@@ -155,16 +235,27 @@ class Trainer:
         diag = mo.diagnostics(s)
         if "weights" in diag:
           w = diag["weights"].astype(jnp.float32)
+      if samo is not None:
+        s = (s, ps)
       return (p, s, ms), (losses, w, inter)
 
-    def epoch(params, opt_state, model_state, key, lr, ep, images, targets):
+    def epoch(params, opt_state, model_state, key, lr, ep, images, targets, val=None):
       tx = optax.adam(lr) if agg is None else optax.chain(agg, optax.adam(lr))
       n = images.shape[0]
       steps = n // bs
       perm = jax.random.permutation(key, n)[:steps * bs].reshape(steps, bs)
-      (params, opt_state, model_state), (losses, w, inter) = jax.lax.scan(
-          lambda c, i: body(tx, ep, c, i, images, targets), (params, opt_state, model_state),
-          perm)
+      carry = (params, opt_state, model_state)
+      if val is None:
+        carry, (losses, w, inter) = jax.lax.scan(
+            lambda c, i: body(tx, ep, c, i, images, targets), carry, perm)
+      else:
+        # A key folded from the epoch's: the training permutation is the one every other
+        # method sees with the same seed (paired comparisons).
+        vperm = _val_indices(jax.random.fold_in(key, 1), val[0].shape[0], steps, bs)
+        carry, (losses, w, inter) = jax.lax.scan(
+            lambda c, i: body(tx, ep, c, i[0], images, targets, i[1], val), carry,
+            (perm, vperm))
+      params, opt_state, model_state = carry
       return params, opt_state, model_state, {
           "loss": losses.mean(0), "weights": w.mean(0), "interference": inter.mean(),
           "finite": jnp.all(jnp.isfinite(losses))}
@@ -185,11 +276,22 @@ class Trainer:
     self.eval_fn = _EVAL_CACHE.setdefault(model, jax.jit(evaluate))
 
   def init(self, seed):
-    """``(params, opt_state, model_state)``; model_state is ``{}`` without BatchNorm."""
+    """``(params, opt_state, model_state)``; model_state is ``{}`` without BatchNorm.
+
+    With ``engine="samo"`` the optimizer state is the pair ``(tx_state,
+    samo_state)``, the perturbation's PRNG key seeded with the run's seed.
+    """
     params, model_state = self.model.init_state(jax.random.key(seed))
     # The learning rate is not part of the state.
     tx = optax.adam(1e-3) if self.agg is None else optax.chain(self.agg, optax.adam(1e-3))
-    return params, tx.init(params), model_state
+    opt_state = tx.init(params)
+    if self.engine == "samo":
+      opt_state = (opt_state, self._samo(seed).init(params))
+    return params, opt_state, model_state
+
+  def epoch_args(self, data_dev) -> tuple:
+    """The data arguments of ``epoch_fn`` after the state: ``(images, targets[, val])``."""
+    return tuple(data_dev["train"]) + ((tuple(data_dev["val"]),) if self.needs_val else ())
 
 
 def _device_split(split: Split, task_ids):
@@ -222,11 +324,11 @@ def train_run(trainer: Trainer, data_dev, *, lr: float, seed: int, epochs: int,
   params, opt_state, model_state = trainer.init(seed)
   key = jax.random.key(10_000 + seed)
   res = RunResult([], [], [], [], [])
-  tr_img, tr_tg = data_dev["train"]
+  data_args = trainer.epoch_args(data_dev)
   for e in range(epochs):
     key, sub = jax.random.split(key)
     params, opt_state, model_state, stats = trainer.epoch_fn(
-        params, opt_state, model_state, sub, jnp.float32(lr), jnp.int32(e), tr_img, tr_tg)
+        params, opt_state, model_state, sub, jnp.float32(lr), jnp.int32(e), *data_args)
     val = np.asarray(trainer.eval_fn(params, model_state, *data_dev["val"]), np.float64)
     test = np.asarray(trainer.eval_fn(params, model_state, *data_dev["test"]), np.float64)
     res.val.append(val.tolist())
@@ -284,11 +386,13 @@ class Benchmark:
 
   # -- helpers ---------------------------------------------------------------
 
-  def _trainer(self, key, model, agg_fn, flat=False, weighted=True):
+  def _trainer(self, key, model, agg_fn, flat=False, weighted=True, needs=(),
+               engine="task_grads", engine_kwargs=None):
     if key not in self.trainers:
       agg = agg_fn()
       self.trainers[key] = Trainer(model, agg, flat, weighted, self.args.batch_size,
-                                   self.args.rho, self.args.adaptive, self.args.sam_norm)
+                                   self.args.rho, self.args.adaptive, self.args.sam_norm,
+                                   tuple(needs), engine, dict(engine_kwargs or {}))
     return self.trainers[key]
 
   def _pbar(self, total, desc):
@@ -375,10 +479,13 @@ class Benchmark:
   def run_method(self, name):
     a = self.args
     model = models.make_model(self.task, encoder=a.encoder)
-    _, meta = registry.build(name, num_tasks=self.m, task_specific=heads_mask)
-    tr = self._trainer(("m", name), model,
-                       lambda: registry.build(name, num_tasks=self.m, task_specific=heads_mask)[0],
-                       flat=meta["flat"], weighted=meta["weighted"])
+    # Every method gets the loss function; build passes it only to those that declare it.
+    build = lambda: registry.build(name, num_tasks=self.m, task_specific=heads_mask,
+                                   loss_fn=batch_loss_fn(model))
+    _, meta = build()
+    tr = self._trainer(("m", name), model, lambda: build()[0], flat=meta["flat"],
+                       weighted=meta["weighted"], needs=meta["needs"], engine=meta["engine"],
+                       engine_kwargs=meta["engine_kwargs"])
     lr, runs, grid = self._protocol(registry.label(name), tr, self._data_dev(range(self.m)),
                                     self._mtl_score, a.lrs, a.seed_list)
     return self._record(name, lr, runs, grid, dict(label=registry.label(name), **meta))

@@ -16,6 +16,22 @@ Flat (sharpness-aware) variants: the name ``f_<method>`` (e.g. ``f_cagrad``)
 wraps the aggregator in ``mo.flat`` and trains with
 ``mo.sharpness_aware_task_grads`` (only when ``mo.flat`` exists).
 
+Methods that need more than the per-task gradients and losses declare it, so
+that a harness can supply it without knowing the method by name:
+
+* ``needs``: ``"loss_fn"`` -- the factory takes the model's per-task loss
+  function ``fn(params, *batch) -> losses (m,)`` as its first argument (passed
+  to :func:`build` as ``loss_fn=``); ``"val_batch"`` / ``"train_batch"`` --
+  ``tx.update`` takes a validation batch / the training batch of the gradients
+  as keyword arguments (tuples of ``fn``'s positional arguments after params).
+  The bilevel methods (Auto-Lambda, MOML, FORUM) train their task weights on the
+  validation split, which the harness also uses to select the learning rate and
+  the epoch: the protocol of Auto-Lambda's and LibMTL's code, not a held-out one.
+* ``engine``: how the per-task gradients are computed. ``"task_grads"``
+  (default: ``mo.task_grads``); ``"samo"``: ``mo.samo_task_grads`` with a
+  ``mo.samo_perturbation(**engine_kwargs)`` whose PRNG state the harness carries
+  next to the optimizer state.
+
 Adding a method: one line in ``REGISTRY``.
 """
 
@@ -34,10 +50,21 @@ class Spec:
   kwargs: tuple = ()            # ((name, value), ...) -- hashable
   label: Optional[str] = None   # display name (defaults to the benchmark name)
   gradient_based: bool = True   # False for loss weightings (still run in the benchmarks)
+  needs: tuple = ()             # of NEEDS (see the module docstring)
+  engine: str = "task_grads"    # of ENGINES
+  engine_kwargs: tuple = ()     # ((name, value), ...) of the engine's transformation
 
 
-def _s(factory, label=None, gradient_based=True, **kwargs):
-  return Spec(factory, tuple(sorted(kwargs.items())), label, gradient_based)
+NEEDS = ("loss_fn", "val_batch", "train_batch")
+# engine -> the mtl_optax names it uses (the method is unavailable without them).
+ENGINES = {"task_grads": ("task_grads",), "samo": ("samo_perturbation", "samo_task_grads")}
+
+
+def _s(factory, label=None, gradient_based=True, needs=(), engine="task_grads",
+       engine_kwargs=None, **kwargs):
+  assert set(needs) <= set(NEEDS) and engine in ENGINES, (needs, engine)
+  return Spec(factory, tuple(sorted(kwargs.items())), label, gradient_based, tuple(needs),
+              engine, tuple(sorted((engine_kwargs or {}).items())))
 
 
 # name → Spec. Order = display order.
@@ -84,6 +111,13 @@ REGISTRY: dict[str, Spec] = {
     "cr_mogm": _s("cr_mogm", "CR-MOGM (MGDA)", aggregator=mo.mgda()),
     # (The inner state is built for the harness's two tasks: constant scan carry.)
     "grouped_mgda": _s("grouped", "MGDA per layer", aggregator=mo.mgda(num_tasks=2)),
+    # Bilevel methods: task weights trained on validation batches (the papers' defaults).
+    "auto_lambda": _s("auto_lambda", "Auto-Lambda", needs=("loss_fn", "val_batch")),
+    "moml": _s("moml", "MOML", needs=("loss_fn", "val_batch")),
+    "forum": _s("forum", "FORUM", needs=("loss_fn", "train_batch", "val_batch")),
+    # SAMO's SAM gradients on the uniform mean, the authors' defaults (rho 1e-3, alpha 0.5:
+    # their --beta 0.5, layer-wise mix, no ASAM).
+    "samo": _s("mean", "SAMO", engine="samo", engine_kwargs=dict(rho=1e-3, alpha=0.5)),
 }
 
 # Public factories the generic harness does not run: they need a weight vector
@@ -91,13 +125,13 @@ REGISTRY: dict[str, Spec] = {
 # batches or a model change, or they are not meaningful with two tasks.
 EXCLUDED = {
     "sum", "linear_scalarization", "flat", "task_perturbation", "sharpness_aware_task_grads",
-    "rotograd", "auto_lambda", "sdmgrad", "modo", "krum", "trimmed_mean", "moml", "forum",
+    "rotograd", "sdmgrad", "modo", "krum", "trimmed_mean",
     "make_aggregator", "make_train_step", "make_nnx_train_step", "task_grads",
     "representation_grads", "representation_update", "aggregator_info", "diagnostics",
     "task_weights", "multi_batch_task_grads", "rotograd_rotation_loss", "rotograd_rotations",
     "rotograd_update", "cr_mogm", "grouped", "group_diagnostics",
     # SAMO is a gradient engine (a perturbation + per-task SAM gradients), not an
-    # aggregator; the multi-MNIST Trainer would need its own step (PRNG key state).
+    # aggregator: registered as engine="samo" on an aggregator ("samo").
     "samo_perturbation", "samo_task_grads",
 }
 
@@ -126,7 +160,8 @@ def _discover() -> dict[str, Spec]:
 
 def available(include_discovered: bool = True) -> dict[str, Spec]:
   """Every registered method whose factory exists in the installed mtl_optax."""
-  out = {k: v for k, v in REGISTRY.items() if hasattr(mo, v.factory)}
+  out = {k: v for k, v in REGISTRY.items()
+         if hasattr(mo, v.factory) and all(hasattr(mo, n) for n in ENGINES[v.engine])}
   if include_discovered:
     out.update(_discover())
   return out
@@ -164,27 +199,45 @@ def resolve(names: str, *, gradient_only: bool = False) -> list[str]:
         raise ValueError(f"unknown or unavailable method {raw!r}; available: {sorted(avail)}")
       if raw.startswith("f_") and not has_flat():
         raise ValueError(f"{raw}: mo.flat / mo.sharpness_aware_task_grads are not available yet.")
+      if raw.startswith("f_") and not plain(base_name):
+        raise ValueError(f"{raw}: {base_name} has its own step inputs or gradient engine; it "
+                         "has no flat variant in the harness.")
       out.append(raw)
   seen = set()
   return [n for n in out if not (n in seen or seen.add(n))]
 
 
+def plain(name: str) -> bool:
+  """Whether ``name`` runs on per-task gradients and losses alone (no needs, default engine)."""
+  spec = available().get(name[2:] if name.startswith("f_") else name)
+  return spec is not None and not spec.needs and spec.engine == "task_grads"
+
+
 def build(name: str, *, num_tasks: int, task_specific=None, seed: int = 0,
-          overrides: Optional[dict] = None):
+          overrides: Optional[dict] = None, loss_fn=None):
   """The aggregator for benchmark method ``name``.
 
   Args:
     overrides: ``{method: {kwarg: value}}`` replacing registry hyper-parameters
     (e.g. the toy problem's CAGrad settings).
+    loss_fn: ``fn(params, *batch) -> losses (m,)``, the first argument of the
+      factories whose ``Spec.needs`` has ``"loss_fn"`` (required for them).
 
   Returns:
     ``(tx, info)``: the optax transformation (``mo.flat``-wrapped for ``f_``
-    names) and a dict ``{"flat", "weighted", "needs_losses", "stochastic"}``.
+    names) and a dict ``{"flat", "weighted", "needs_losses", "stochastic",
+    "needs", "engine", "engine_kwargs"}`` (JSON-serialisable).
   """
   flat = name.startswith("f_")
   base_name = name[2:] if flat else name
   spec = available()[base_name]
   fn = getattr(mo, spec.factory)
+  args = ()
+  if "loss_fn" in spec.needs:
+    if loss_fn is None:
+      raise ValueError(f"{name}: the factory mo.{spec.factory} needs the model's loss function "
+                       "(build(..., loss_fn=fn), fn(params, *batch) -> losses).")
+    args = (loss_fn,)
   kwargs = dict(spec.kwargs)
   kwargs.update((overrides or {}).get(base_name, {}))
   params = inspect.signature(fn).parameters
@@ -194,10 +247,11 @@ def build(name: str, *, num_tasks: int, task_specific=None, seed: int = 0,
     kwargs["task_specific"] = task_specific
   if "num_tasks" in params:
     kwargs["num_tasks"] = num_tasks
-  tx = fn(**kwargs)
+  tx = fn(*args, **kwargs)
   info = mo.aggregator_info(tx)
   meta = {"flat": flat, "weighted": bool(info.weighted), "needs_losses": bool(info.needs_losses),
-          "stochastic": bool(info.stochastic)}
+          "stochastic": bool(info.stochastic), "needs": list(spec.needs),
+          "engine": spec.engine, "engine_kwargs": dict(spec.engine_kwargs)}
   if flat:
     flat_params = inspect.signature(mo.flat).parameters
     fkw = {k: v for k, v in (("task_specific", task_specific), ("num_tasks", num_tasks))

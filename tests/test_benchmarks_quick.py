@@ -101,3 +101,53 @@ def test_multimnist_trainer_resnet_small_with_batch_norm_state():
                                                  jnp.float32(1e-3), jnp.int32(0), *data["train"])
   old = state0["batch_stats"]["bn1"]["mean"]
   assert not np.allclose(state["batch_stats"]["bn1"]["mean"], old)
+
+
+def _synthetic_splits(sizes, seed=0):
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    return (jnp.asarray(rng.random((n, 36, 36, 1), np.float32)),
+            (jnp.asarray(rng.integers(0, 10, n).astype(np.int32)),
+             jnp.asarray(rng.random((n, 784), np.float32))))
+
+  return {k: split(n) for k, n in sizes.items()}
+
+
+def test_multimnist_trainer_bilevel_and_samo_paths():
+  # The step inputs beyond (grads, losses), declared by the registry: FORUM takes the loss
+  # function, train_batch= and val_batch= (a superset of Auto-Lambda's and MOML's val_batch=
+  # path); SAMO's engine carries its PRNG state next to the optimizer state. One epoch each on
+  # synthetic data (two compilations); the BatchNorm encoder was checked by hand (too slow here).
+  model = models.make_model("CL_RR", encoder="mlp")
+  data = _synthetic_splits({"train": 32, "val": 24, "test": 16})
+  with pytest.raises(ValueError, match="loss function"):
+    registry.build("moml", num_tasks=2)
+  with pytest.raises(ValueError, match="no flat variant"):
+    registry.resolve("f_forum")
+  assert {"auto_lambda", "moml", "forum", "samo"} <= set(registry.resolve("all"))
+  for name in ("forum", "samo"):
+    tx, meta = registry.build(name, num_tasks=2, task_specific=multimnist.heads_mask,
+                              loss_fn=multimnist.batch_loss_fn(model))
+    trainer = multimnist.Trainer(model, tx, meta["flat"], meta["weighted"], batch_size=16,
+                                 rho=0.0, adaptive=False, needs=tuple(meta["needs"]),
+                                 engine=meta["engine"], engine_kwargs=meta["engine_kwargs"])
+    assert trainer.needs_val == (name == "forum")
+    res = multimnist.train_run(trainer, data, lr=1e-3, seed=0, epochs=1,
+                               score=lambda v: float(v[0] - v[1]))
+    assert not res.diverged, name
+    assert np.all(np.isfinite(res.test)) and np.all(np.isfinite(res.loss)), name
+    assert np.all(np.isfinite(res.weights[0])) and np.any(np.asarray(res.weights[0]) != 0), name
+  # SAMO: the optimizer state is (tx_state, samo_state); the key is seeded per run and advances.
+  params, opt_state, state = trainer.init(3)
+  key0 = opt_state[1].key
+  assert not np.array_equal(key0, trainer.init(4)[1][1].key)
+  _, opt_state, _, _ = trainer.epoch_fn(params, opt_state, state, jax.random.key(1),
+                                        jnp.float32(1e-3), jnp.int32(0), *data["train"])
+  assert not np.array_equal(opt_state[1].key, key0)
+
+
+def test_validation_indices_cycle_through_shuffles():
+  idx = np.asarray(multimnist._val_indices(jax.random.key(0), 10, steps=4, bs=3))
+  assert idx.shape == (4, 3) and idx.min() >= 0 and idx.max() < 10
+  assert sorted(idx.reshape(-1)[:10].tolist()) == list(range(10))   # one full shuffle first
