@@ -74,6 +74,9 @@ REGISTRY: dict[str, Spec] = {
     "uncertainty_weighting": _s("uncertainty_weighting", "UW", gradient_based=False),
     "dwa": _s("dwa", "DWA", gradient_based=False),
     "random_loss_weighting": _s("random_loss_weighting", "RLW", gradient_based=False),
+    # Uniform on the simplex (Dirichlet(1, ..., 1)): Gama & Grassi's RLW-Dirichlet.
+    "rlw_dirichlet": _s("random_loss_weighting", "RLW (Dirichlet)", gradient_based=False,
+                        distribution="dirichlet"),
     "scale_invariant": _s("scale_invariant", "SI", gradient_based=False),
     "geometric_loss": _s("geometric_loss", "GLS", gradient_based=False),
     "famo": _s("famo", "FAMO", gradient_based=False),
