@@ -155,9 +155,13 @@ class Trainer:
   mini-batch drawn from the validation split each step (same batch size; the
   split is an input of the compiled epoch); ``engine="samo"`` computes the
   gradients with ``mo.samo_task_grads`` and carries the perturbation's PRNG
-  state in the optimizer state ``(tx_state, samo_state)``. The default (no
-  needs, ``"task_grads"``) compiles exactly the program it did before these
-  options existed.
+  state in the optimizer state ``(tx_state, samo_state)``;
+  ``engine="representation"`` runs ``mo.representation_update`` (the aggregator
+  on ∂L_i/∂z of the shared features z, stateless encoders only; its
+  interference is NaN: there are no per-task parameter gradients) with the
+  optimizer state ``(aggregator_state, adam_state)``. The default (no needs,
+  ``"task_grads"``) compiles exactly the program it did before these options
+  existed.
   """
   model: models.MultiTaskModel
   agg: Any
@@ -183,8 +187,12 @@ class Trainer:
   def __post_init__(self):
     m = self.model.num_tasks
     model, agg, bs = self.model, self.agg, self.batch_size
-    if self.engine not in ("task_grads", "samo"):
+    if self.engine not in ("task_grads", "samo", "representation"):
       raise ValueError(f"Trainer: unknown gradient engine {self.engine!r}")
+    if self.engine == "representation" and model.has_state:
+      # mo.representation_grads has no model-state form (the encoder's new statistics).
+      raise ValueError("Trainer: engine 'representation' needs a stateless encoder, got "
+                       f"{model.encoder!r}")
     if self.engine != "task_grads" and (self.flat or agg is None):
       raise ValueError(f"Trainer: engine {self.engine!r} runs plain (non-flat) aggregators")
     perturb = None
@@ -195,6 +203,7 @@ class Trainer:
     # The compiled update only reads the perturbation's static settings; its seed only sets the
     # initial state (per run, in init).
     samo = self._samo() if self.engine == "samo" else None
+    rep = self.engine == "representation"
     needs = self.needs
 
     # (losses, new model state); stateless encoders carry {} unchanged.
@@ -217,6 +226,16 @@ class Trainer:
         extra["train_batch"] = (ms, batch["images"], batch["targets"])
       if "val_batch" in needs:
         extra["val_batch"] = (ms, val[0][vidx], tuple(t[vidx] for t in val[1]))
+      if rep:   # tx is (aggregator, adam), s their states
+        losses, (trunk_u, heads_u), s_agg = mo.representation_update(
+            tx[0], s[0], model.encode, model.head_losses, p["encoder"], p["heads"],
+            (model.inputs(batch["images"]),), (batch["targets"],), **extra)
+        u, s_opt = tx[1].update({"encoder": trunk_u, "heads": heads_u}, s[1], p)
+        s = (s_agg, s_opt)
+        w = jnp.zeros((m,), jnp.float32)
+        if self.weighted:
+          w = mo.diagnostics(s_agg).get("weights", w).astype(jnp.float32)
+        return (optax.apply_updates(p, u), s, ms), (losses, w, jnp.float32(jnp.nan))
       if samo is not None:
         s, ps = s   # (tx state, SAMO perturbation state)
         (losses, ms), g, ps = mo.samo_task_grads(losses_fn, p, ms, batch, perturbation=samo,
@@ -241,6 +260,8 @@ class Trainer:
 
     def epoch(params, opt_state, model_state, key, lr, ep, images, targets, val=None):
       tx = optax.adam(lr) if agg is None else optax.chain(agg, optax.adam(lr))
+      if rep:   # the aggregator's output is a cotangent of z, not an update: applied apart
+        tx = (agg, optax.adam(lr))
       n = images.shape[0]
       steps = n // bs
       perm = jax.random.permutation(key, n)[:steps * bs].reshape(steps, bs)
@@ -285,6 +306,9 @@ class Trainer:
     # The learning rate is not part of the state.
     tx = optax.adam(1e-3) if self.agg is None else optax.chain(self.agg, optax.adam(1e-3))
     opt_state = tx.init(params)
+    if self.engine == "representation":
+      z = jnp.zeros((self.batch_size, self.model.feature_dim), jnp.float32)
+      opt_state = (self.agg.init(z), optax.adam(1e-3).init(params))
     if self.engine == "samo":
       opt_state = (opt_state, self._samo(seed).init(params))
     return params, opt_state, model_state

@@ -30,7 +30,9 @@ that a harness can supply it without knowing the method by name:
 * ``engine``: how the per-task gradients are computed. ``"task_grads"``
   (default: ``mo.task_grads``); ``"samo"``: ``mo.samo_task_grads`` with a
   ``mo.samo_perturbation(**engine_kwargs)`` whose PRNG state the harness carries
-  next to the optimizer state.
+  next to the optimizer state; ``"representation"``: ``mo.representation_update``
+  (the aggregator on the per-task gradients w.r.t. the shared representation,
+  one backward pass through the encoder; MGDA there is MGDA-UB).
 
 Adding a method: one line in ``REGISTRY``.
 """
@@ -57,7 +59,8 @@ class Spec:
 
 NEEDS = ("loss_fn", "val_batch", "train_batch")
 # engine -> the mtl_optax names it uses (the method is unavailable without them).
-ENGINES = {"task_grads": ("task_grads",), "samo": ("samo_perturbation", "samo_task_grads")}
+ENGINES = {"task_grads": ("task_grads",), "samo": ("samo_perturbation", "samo_task_grads"),
+           "representation": ("representation_update",)}
 
 
 def _s(factory, label=None, gradient_based=True, needs=(), engine="task_grads",
@@ -89,6 +92,9 @@ REGISTRY: dict[str, Spec] = {
     "gradnorm": _s("gradnorm", "GradNorm"),
     # gradient aggregators
     "mgda": _s("mgda", "MGDA"),
+    # MGDA on the gradients w.r.t. the shared representation (Sener & Koltun's MGDA-UB), with
+    # the harness MGDA's settings (no normalisation) so that only the gradients differ.
+    "mgda_ub": _s("mgda", "MGDA-UB", engine="representation"),
     "pcgrad": _s("pcgrad", "PCGrad"),
     "gradvac": _s("gradvac", "GradVac"),
     "graddrop": _s("graddrop", "GradDrop"),

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mtl_optax as mo
+
 pytest.importorskip("flax")
 pytest.importorskip("mlxtend")
 
@@ -117,16 +119,20 @@ def _synthetic_splits(sizes, seed=0):
 def test_multimnist_trainer_bilevel_and_samo_paths():
   # The step inputs beyond (grads, losses), declared by the registry: FORUM takes the loss
   # function, train_batch= and val_batch= (a superset of Auto-Lambda's and MOML's val_batch=
-  # path); SAMO's engine carries its PRNG state next to the optimizer state. One epoch each on
-  # synthetic data (two compilations); the BatchNorm encoder was checked by hand (too slow here).
+  # path); SAMO's engine carries its PRNG state next to the optimizer state; MGDA-UB's engine
+  # aggregates representation gradients. One epoch each on synthetic data (three compilations);
+  # the BatchNorm encoder was checked by hand (too slow for this suite).
   model = models.make_model("CL_RR", encoder="mlp")
   data = _synthetic_splits({"train": 32, "val": 24, "test": 16})
   with pytest.raises(ValueError, match="loss function"):
     registry.build("moml", num_tasks=2)
   with pytest.raises(ValueError, match="no flat variant"):
     registry.resolve("f_forum")
-  assert {"auto_lambda", "moml", "forum", "samo"} <= set(registry.resolve("all"))
-  for name in ("forum", "samo"):
+  assert {"auto_lambda", "moml", "forum", "samo", "mgda_ub"} <= set(registry.resolve("all"))
+  with pytest.raises(ValueError, match="stateless"):
+    multimnist.Trainer(models.make_model("CL_RR", encoder="resnet_small"), mo.mgda(), False,
+                       True, 16, 0.0, False, engine="representation")
+  for name in ("mgda_ub", "forum", "samo"):
     tx, meta = registry.build(name, num_tasks=2, task_specific=multimnist.heads_mask,
                               loss_fn=multimnist.batch_loss_fn(model))
     trainer = multimnist.Trainer(model, tx, meta["flat"], meta["weighted"], batch_size=16,
