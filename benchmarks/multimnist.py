@@ -38,12 +38,16 @@ entry, see ``benchmarks/registry.py``): the bilevel methods (Auto-Lambda, MOML,
 FORUM) are built with :func:`batch_loss_fn` and receive ``val_batch=`` (and
 FORUM ``train_batch=``): each step draws a validation mini-batch of the same
 size from the validation split (consecutive shuffles, independent of the
-training permutation). **These methods thus train their task weights on the
-validation split that also selects the learning rate and the best epoch** --
-the protocol of Auto-Lambda's and LibMTL's code, not a held-out validation; their
-numbers are not strictly comparable with the other methods'. SAMO (``engine=
-"samo"``) computes the gradients with ``mo.samo_task_grads`` and carries the
-perturbation's PRNG state in the optimizer state.
+training permutation). **These methods thus train their task weights -- and
+FORUM the model itself, whose update contains the validation gradients -- on
+the validation split that also selects the learning rate and the best epoch**,
+so their validation scores are optimistic and their numbers not strictly
+comparable with the other methods'. ``--meta-split train`` draws these batches
+from a second shuffle of the training split instead, as Auto-Lambda's code (a
+copy of the training loader in another order). SAMO (``engine="samo"``) computes
+the gradients with ``mo.samo_task_grads`` and carries the perturbation's PRNG
+state in the optimizer state; MGDA-UB (``engine="representation"``) runs
+``mo.representation_update``.
 
 Outputs ``benchmarks/results/multimnist_<tasks>_<tag>.json`` and ``.png``.
 """
@@ -153,7 +157,8 @@ class Trainer:
   pass ``val_batch=`` / ``train_batch=`` (tuples ``(model_state, images,
   targets)``, see :func:`batch_loss_fn`) to ``tx.update``, the validation
   mini-batch drawn from the validation split each step (same batch size; the
-  split is an input of the compiled epoch); ``engine="samo"`` computes the
+  split is an input of the compiled epoch; ``meta_split="train"``: from a
+  second shuffle of the training split instead); ``engine="samo"`` computes the
   gradients with ``mo.samo_task_grads`` and carries the perturbation's PRNG
   state in the optimizer state ``(tx_state, samo_state)``;
   ``engine="representation"`` runs ``mo.representation_update`` (the aggregator
@@ -174,6 +179,7 @@ class Trainer:
   needs: tuple = ()
   engine: str = "task_grads"
   engine_kwargs: dict = dataclasses.field(default_factory=dict)
+  meta_split: str = "val"   # where val_batch= is drawn from: "val" or "train" (reference codes)
   epoch_fn: Callable = None
   eval_fn: Callable = None
 
@@ -315,7 +321,8 @@ class Trainer:
 
   def epoch_args(self, data_dev) -> tuple:
     """The data arguments of ``epoch_fn`` after the state: ``(images, targets[, val])``."""
-    return tuple(data_dev["train"]) + ((tuple(data_dev["val"]),) if self.needs_val else ())
+    return tuple(data_dev["train"]) + ((tuple(data_dev[self.meta_split]),) if self.needs_val
+                                       else ())
 
 
 def _device_split(split: Split, task_ids):
@@ -416,7 +423,8 @@ class Benchmark:
       agg = agg_fn()
       self.trainers[key] = Trainer(model, agg, flat, weighted, self.args.batch_size,
                                    self.args.rho, self.args.adaptive, self.args.sam_norm,
-                                   tuple(needs), engine, dict(engine_kwargs or {}))
+                                   tuple(needs), engine, dict(engine_kwargs or {}),
+                                   self.args.meta_split)
     return self.trainers[key]
 
   def _pbar(self, total, desc):
@@ -741,6 +749,10 @@ def parse_args(argv=None):
                  help="adaptive SAM (ASAM) for the flat variants (default on, as FS-MTL)")
   p.add_argument("--sam-norm", default="joint", choices=("joint", "separate"),
                  help="one SAM norm over shared+head leaves (FS-MTL multi-MNIST) or separate")
+  p.add_argument("--meta-split", default="val", choices=("val", "train"),
+                 help="split of the bilevel methods' val_batch= (default: the validation split, "
+                      "which also selects lr and epoch; 'train': a second shuffle of the "
+                      "training split, as Auto-Lambda's code)")
   p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests/CI)")
   p.add_argument("--tag", default=None, help="suffix of the result files")
   p.add_argument("--out-dir", default=RESULTS_DIR)

@@ -24,9 +24,9 @@ that a harness can supply it without knowing the method by name:
   to :func:`build` as ``loss_fn=``); ``"val_batch"`` / ``"train_batch"`` --
   ``tx.update`` takes a validation batch / the training batch of the gradients
   as keyword arguments (tuples of ``fn``'s positional arguments after params).
-  The bilevel methods (Auto-Lambda, MOML, FORUM) train their task weights on the
-  validation split, which the harness also uses to select the learning rate and
-  the epoch: the protocol of Auto-Lambda's and LibMTL's code, not a held-out one.
+  The multi-MNIST harness draws ``val_batch`` from the validation split, which
+  also selects the learning rate and the epoch (``--meta-split train``: from the
+  training split, as Auto-Lambda's code does).
 * ``engine``: how the per-task gradients are computed. ``"task_grads"``
   (default: ``mo.task_grads``); ``"samo"``: ``mo.samo_task_grads`` with a
   ``mo.samo_perturbation(**engine_kwargs)`` whose PRNG state the harness carries

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts' quick modes (multi-MNIST harness, toy)."""
 
+import dataclasses
 import json
 import os
 
@@ -133,12 +134,17 @@ def test_multimnist_trainer_bilevel_and_samo_paths():
     multimnist.Trainer(models.make_model("CL_RR", encoder="resnet_small"), mo.mgda(), False,
                        True, 16, 0.0, False, engine="representation")
   for name in ("mgda_ub", "forum", "samo"):
+    # One inner step and one QP iteration: the harness path is under test, not FORUM (-1 s).
     tx, meta = registry.build(name, num_tasks=2, task_specific=multimnist.heads_mask,
-                              loss_fn=multimnist.batch_loss_fn(model))
+                              loss_fn=multimnist.batch_loss_fn(model),
+                              overrides={"forum": dict(inner_steps=1, qp_iters=1)})
     trainer = multimnist.Trainer(model, tx, meta["flat"], meta["weighted"], batch_size=16,
                                  rho=0.0, adaptive=False, needs=tuple(meta["needs"]),
                                  engine=meta["engine"], engine_kwargs=meta["engine_kwargs"])
     assert trainer.needs_val == (name == "forum")
+    if trainer.needs_val:   # --meta-split train: the meta batches come from the training split
+      args = dataclasses.replace(trainer, meta_split="train").epoch_args(data)
+      assert args[2][0] is data["train"][0] and len(args) == 3
     res = multimnist.train_run(trainer, data, lr=1e-3, seed=0, epochs=1,
                                score=lambda v: float(v[0] - v[1]))
     assert not res.diverged, name
