@@ -8,7 +8,7 @@ HASH := $(shell cat pyproject.toml | md5sum | cut -c1-8)
 STAMP := $(VENV)/.installed-$(HASH)
 CHECKS_STAMP := $(VENV)/.installed-checks-$(HASH)
 
-.PHONY: demo test test-all venv bench clean docs lint typecheck wheel
+.PHONY: demo test test-all venv bench clean docs lint typecheck wheel accelerator-cpu checks
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ typecheck: $(CHECKS_STAMP)
 
 wheel: $(CHECKS_STAMP)
 	PYTHON=$(PYTHON) bash tools/check_wheel.sh
+
+# `python -m benchmarks.accelerator` at CPU size (the tests it would run are in `make test`),
+# so that the one-command accelerator benchmark cannot rot between GPU runs.
+accelerator-cpu: venv
+	$(PY) -m benchmarks.accelerator --quick --skip-tests --out $(or $(TMPDIR),/tmp)/mtl_optax_accelerator_cpu
+
+# Everything CI checks after the tests; independent, so `make -j2 checks` runs two at a time.
+checks: lint typecheck docs wheel accelerator-cpu
 
 clean:
 	rm -rf $(VENV) docs/_build docs/notebooks dist

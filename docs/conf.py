@@ -75,7 +75,7 @@ nitpicky = False
 # written for GitHub's view of the repository are mapped to the pages here.
 _README_LINKS = {
     "(#models-with-state-batchnorm-dropout)": "(/guides/models_with_state.md)",
-    "(benchmarks/README.md)": "(/benchmarks.md)",
+    "(benchmarks/README.md": "(/benchmarks.md",    # with or without an #anchor
     "(docs/distributed.md)": "(/distributed.md)",
     "(../shared/spec/benchmarks.md)": "",
 }
