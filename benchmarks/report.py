@@ -1,9 +1,10 @@
 """Markdown tables for benchmarks/README.md from the multi-MNIST result files.
 
     python -m benchmarks.report [--clrr FILE] [--clcr-full FILE] [--rlrr FILE]
-                                [--clcr FILE] [--clcr2 FILE] [--toy FILE]
+                                [--clcr FILE] [--clcr2 FILE] [--toy FILE] [--gg FILE ...]
 
-Prints: per task pair, our table (Gama & Grassi's Table 3 alongside for CL_RR,
+Prints: Gama & Grassi's 16 CL_RR methods ranked against their Table 3 (per encoder,
+from merged result files), per task pair, our table (Gama & Grassi's Table 3 alongside for CL_RR,
 with the Spearman correlation of the two rankings over the methods in both),
 the paired gaps of the gradient methods to uniform loss, and each SMTO next to
 its fixed-weight re-run; the flat-vs-vanilla pairs next to Phan et al.'s
@@ -22,17 +23,41 @@ from mtl_optax import metrics
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Gama & Grassi (2025), Table 3, multi-MNIST CL_RR: (CL, RR, avg) Δm%.
+# Gama & Grassi (2025), Table 3, multi-MNIST CL_RR: their 16 methods, (CL, RR, avg) Δm%,
+# keyed by our benchmark name. Their "MGDA" is MGDA-UB (MGDA on the shared representation:
+# our ``mgda_ub``); a result file without ``mgda_ub`` is matched on our parameter-level
+# ``mgda`` instead (``GG_FALLBACK``), and the table says which one was used.
 GAMA_GRASSI_CLRR = {
     "mean": (-1.043, -16.86, -8.952), "auto_lambda": (-1.232, -7.186, -4.209),
     "cagrad": (-1.685, -2.590, -2.137), "cdtt": (-1.546, -3.596, -2.571),
     "edm": (-1.613, -2.993, -2.303), "famo": (-4.587, -0.745, -2.666),
     "graddrop": (-1.076, -22.04, -11.56), "imtl": (-2.513, -1.975, -2.244),
-    "mgda": (-1.448, -11.26, -6.352), "nash_mtl": (-1.695, -4.430, -3.063),
+    "mgda_ub": (-1.448, -11.26, -6.352), "nash_mtl": (-1.695, -4.430, -3.063),
     "pcgrad": (-1.039, -15.36, -8.201), "random_loss_weighting": (-1.100, -18.53, -9.817),
+    "rlw_dirichlet": (-1.145, -19.48, -10.31),
     "rotograd": (-2.705, -1.572, -2.139), "scale_invariant": (-0.962, -27.47, -14.21),
     "uncertainty_weighting": (-1.109, -26.30, -13.70),
 }
+GG_LABELS = {
+    "mean": "Unit. Scal.", "auto_lambda": "Auto-Lambda", "cagrad": "CAGrad", "cdtt": "CDTT",
+    "edm": "EDM", "famo": "FAMO", "graddrop": "GradDrop", "imtl": "IMTL", "mgda_ub": "MGDA-UB",
+    "nash_mtl": "Nash-MTL", "pcgrad": "PCGrad", "random_loss_weighting": "RLW-Normal",
+    "rlw_dirichlet": "RLW-Dirichlet", "rotograd": "RotoGrad", "scale_invariant": "SI",
+    "uncertainty_weighting": "UW",
+}
+GG_FALLBACK = {"mgda_ub": "mgda"}
+
+
+def gg_matches(methods) -> dict:
+  """{G&G key: our method key in ``methods``} for the G&G rows that have a run."""
+  out = {}
+  for k in GAMA_GRASSI_CLRR:
+    ours = k if k in methods else GG_FALLBACK.get(k)
+    if ours in methods and "error" not in methods[ours]:
+      out[k] = ours
+  return out
+
+
 # Gama & Grassi's gradient-balancing methods that beat uniform loss on CL_RR.
 BALANCING = ("imtl", "cagrad", "edm", "cdtt", "famo", "nash_mtl")
 # Phan et al. (2025), Table 1, MultiMNIST average accuracy (vanilla, flat).
@@ -63,20 +88,47 @@ def method_table(res, published=None):
   stl = res["stl"]
   out.append(f"| STL | {stl[names[0]]['test_mean']:.4f} | {stl[names[1]]['test_mean']:.4f} |"
              " 0 | 0 | 0 | | |" + (" | | |" if published else ""))
+  match = gg_matches(res["methods"]) if published else {}
+  published_for = {ours: published[gg] for gg, ours in match.items()} if published else {}
   for k, v in rows:
-    inter = np.mean([np.mean(x) for x in v["interference"]])
+    inter = np.nanmean([np.nanmean(x) for x in v["interference"]])
     line = (f"| {v['label']} | {v['test_mean'][0]:.4f} | {v['test_mean'][1]:.4f} | "
             f"{v['delta_task_mean'][0]:.2f} | {v['delta_task_mean'][1]:.2f} | "
             f"{v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | "
             f"{v.get('mean_rank', float('nan')):.2f} | {inter:.3f} |")
     if published:
-      gg = published.get(k)
+      gg = published_for.get(k)
       line += (" " + " | ".join(f"{x:.3f}" for x in gg) + " |") if gg else " | | |"
     out.append(line)
-  common = [k for k, _ in rows if published and k in published]
+  common = [k for k, _ in rows if k in published_for]
   rho = metrics.spearman([res["methods"][k]["delta_m_mean"] for k in common],
-                         [published[k][2] for k in common]) if len(common) > 2 else float("nan")
+                         [published_for[k][2] for k in common]) if len(common) > 2 else float("nan")
   return "\n".join(out), common, rho
+
+
+def gg_ranking_table(res) -> tuple[str, float, int]:
+  """Gama & Grassi's 16 methods: our Δm% and rank next to theirs, and Spearman's ρ.
+
+  Returns ``(markdown, rho, n)`` over the ``n`` methods with a run in ``res``.
+  """
+  match = gg_matches(res["methods"])
+  keys = list(match)
+  ours = np.array([res["methods"][match[k]]["delta_m_mean"] for k in keys])
+  theirs = np.array([GAMA_GRASSI_CLRR[k][2] for k in keys])
+  rank = lambda x: (-x).argsort().argsort() + 1
+  r_ours, r_theirs = rank(ours), rank(theirs)
+  lines = ["| G&G method | our run | our Δm% | our rank | G&G avg Δm% | G&G rank |",
+           "|---|---|---|---|---|---|"]
+  for i in np.argsort(r_theirs):
+    k = keys[i]
+    v = res["methods"][match[k]]
+    lines.append(f"| {GG_LABELS[k]} | {v['label']} | {ours[i]:.2f} ± {v['delta_m_std']:.2f} | "
+                 f"{r_ours[i]} | {theirs[i]:.3f} | {r_theirs[i]} |")
+  missing = [GG_LABELS[k] for k in GAMA_GRASSI_CLRR if k not in match]
+  if missing:
+    lines.append(f"\nNo run: {', '.join(missing)}.")
+  rho = metrics.spearman(list(ours), list(theirs)) if len(keys) > 2 else float("nan")
+  return "\n".join(lines), rho, len(keys)
 
 
 def gaps(res, methods=BALANCING, ref="mean"):
@@ -176,12 +228,24 @@ def main(argv=None):
   p.add_argument("--clcr2", default=f("multimnist_CL_CR_flat_small_rho005_mlp.json"),
                  help="flat vs vanilla, plain SAM rho 0.05")
   p.add_argument("--toy", default=f("toy_scale1.json"))
+  p.add_argument("--gg", nargs="*", default=[f("multimnist_CL_RR_gg16_mlp.json"),
+                                            f("multimnist_CL_RR_gg16_lenet.json")],
+                 help="CL_RR result files (one per encoder) ranked against G&G's 16 methods")
   a = p.parse_args(argv)
   toy = _load(a.toy)
   if toy:
     print("### Toy\n")
     print(toy_table(toy))
     print()
+  for path in a.gg:
+    res = _load(path)
+    if not res:
+      continue
+    table, rho, n = gg_ranking_table(res)
+    print(f"### Gama & Grassi's methods on CL_RR, {res['config']['encoder']} encoder "
+          f"({os.path.basename(path)})\n")
+    print(table)
+    print(f"\nSpearman ρ of the Δm% rankings over the {n} methods: {rho:.3f}\n")
   gradient_methods = ("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "fairgrad", "edm", "cdtt",
                       "famo", "upgrad", "aligned_mtl", "config")
   for title, path in (("CL_RR", a.clrr), ("CL_CR", a.clcr_full), ("RL_RR", a.rlrr)):
