@@ -62,7 +62,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +180,10 @@ class Trainer:
   engine: str = "task_grads"
   engine_kwargs: dict = dataclasses.field(default_factory=dict)
   meta_split: str = "val"   # where val_batch= is drawn from: "val" or "train" (reference codes)
+  # Random methods (RLW, PCGrad, GradDrop, GradVac) keep their PRNG key in the state,
+  # seeded at construction: the aggregator built with the run's seed gives that run's
+  # initial state (the update function, hence the compiled epoch, does not depend on it).
+  agg_for_seed: Optional[Callable[[int], Any]] = None
   epoch_fn: Callable = None
   eval_fn: Callable = None
 
@@ -309,12 +313,13 @@ class Trainer:
     samo_state)``, the perturbation's PRNG key seeded with the run's seed.
     """
     params, model_state = self.model.init_state(jax.random.key(seed))
+    agg = self.agg if self.agg_for_seed is None else self.agg_for_seed(seed)
     # The learning rate is not part of the state.
-    tx = optax.adam(1e-3) if self.agg is None else optax.chain(self.agg, optax.adam(1e-3))
+    tx = optax.adam(1e-3) if agg is None else optax.chain(agg, optax.adam(1e-3))
     opt_state = tx.init(params)
     if self.engine == "representation":
       z = jnp.zeros((self.batch_size, self.model.feature_dim), jnp.float32)
-      opt_state = (self.agg.init(z), optax.adam(1e-3).init(params))
+      opt_state = (agg.init(z), optax.adam(1e-3).init(params))
     if self.engine == "samo":
       opt_state = (opt_state, self._samo(seed).init(params))
     return params, opt_state, model_state
@@ -512,12 +517,14 @@ class Benchmark:
     a = self.args
     model = models.make_model(self.task, encoder=a.encoder)
     # Every method gets the loss function; build passes it only to those that declare it.
-    build = lambda: registry.build(name, num_tasks=self.m, task_specific=heads_mask,
-                                   loss_fn=batch_loss_fn(model))
+    build = lambda seed=0: registry.build(name, num_tasks=self.m, task_specific=heads_mask,
+                                          loss_fn=batch_loss_fn(model), seed=seed)
     _, meta = build()
     tr = self._trainer(("m", name), model, lambda: build()[0], flat=meta["flat"],
                        weighted=meta["weighted"], needs=meta["needs"], engine=meta["engine"],
                        engine_kwargs=meta["engine_kwargs"])
+    if meta["stochastic"]:
+      tr.agg_for_seed = lambda seed: build(seed)[0]
     lr, runs, grid = self._protocol(registry.label(name), tr, self._data_dev(range(self.m)),
                                     self._mtl_score, a.lrs, a.seed_list)
     return self._record(name, lr, runs, grid, dict(label=registry.label(name), **meta))

@@ -163,3 +163,21 @@ def test_validation_indices_cycle_through_shuffles():
   idx = np.asarray(multimnist._val_indices(jax.random.key(0), 10, steps=4, bs=3))
   assert idx.shape == (4, 3) and idx.min() >= 0 and idx.max() < 10
   assert sorted(idx.reshape(-1)[:10].tolist()) == list(range(10))   # one full shuffle first
+
+
+def test_random_methods_are_seeded_per_run():
+  # A random method's PRNG key lives in its state, seeded at construction: each run of the
+  # harness must start from the key of its own seed (otherwise every seed would draw the
+  # same random weights), while the compiled epoch stays the same.
+  model = models.make_model("CL_RR", encoder="mlp")
+  build = lambda seed=0: registry.build("random_loss_weighting", num_tasks=2,
+                                        task_specific=multimnist.heads_mask, seed=seed)[0]
+  trainer = multimnist.Trainer(model, build(), flat=False, weighted=True, batch_size=16,
+                               rho=0.0, adaptive=False, agg_for_seed=build)
+  keys = [jax.tree_util.tree_leaves(trainer.init(s)[1][0])
+          for s in (0, 0, 1)]
+  as_np = lambda leaves: [np.asarray(jax.random.key_data(x) if jnp.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x) for x in leaves]
+  same = all(np.array_equal(a, b) for a, b in zip(as_np(keys[0]), as_np(keys[1])))
+  differ = any(not np.array_equal(a, b) for a, b in zip(as_np(keys[0]), as_np(keys[2])))
+  assert same and differ
