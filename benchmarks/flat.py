@@ -620,14 +620,21 @@ def parse_args(argv=None):
   p.add_argument("--out", default=RESULTS_DIR, help="output directory")
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--report", default=None, help="re-render tables/figures from this JSON")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="union of the runs of these result files (e.g. disjoint method lists "
+                      "run one after the other) into flat_<tag>.json, then report")
+  p.add_argument("--no-reference", action="store_true",
+                 help="do not add the uniform-loss reference runs (when they are in another "
+                      "file to --merge with)")
   args = p.parse_args(argv)
   if args.quick:
     defaults = {a.dest: a.default for a in p._actions}  # pylint: disable=protected-access
     for k, v in QUICK.items():
       if getattr(args, k) == defaults[k]:
         setattr(args, k, v)
-  names = "mean," + ",".join(["mean", *registry.FLAT_PAIRS]) if args.methods == "pairs" \
-      else "mean," + args.methods
+  names = ",".join(["mean", *registry.FLAT_PAIRS]) if args.methods == "pairs" else args.methods
+  if not args.no_reference:
+    names = "mean," + names   # the Δm% reference
   args.method_list = registry.resolve(names)
   args.setting_list = ["authors", "plain"] if args.settings == "both" else [args.settings]
   args.ablation_list = [x for x in args.ablation.split(",") if x]
@@ -662,6 +669,32 @@ def report(results: dict, stem: str, plot: bool = True) -> str:
   return "\n\n".join(text)
 
 
+def merge(paths, stem: str, plot: bool = True) -> dict:
+  """The union of the runs of several result files (same tasks and protocol), reported."""
+  parts = []
+  for pth in paths:
+    with open(pth) as f:
+      parts.append(json.load(f))
+  res = parts[0]
+  res["merged_from"] = list(paths)
+  res["config"]["method_list"] = list(res["config"]["method_list"])
+  for other in parts[1:]:
+    for key in ("epochs", "n_train", "encoder", "lr", "batch_size", "n_test", "n_shift"):
+      if other["config"][key] != res["config"][key]:
+        raise ValueError(f"merge: {key} differs ({other['config'][key]} vs {res['config'][key]})")
+    for task, entry in other["tasks"].items():
+      mine = res["tasks"].setdefault(task, {**entry, "runs": {}})
+      mine["runs"].update(entry["runs"])
+    res["config"]["method_list"] += [m_ for m_ in other["config"]["method_list"]
+                                     if m_ not in res["config"]["method_list"]]
+    res["total_seconds"] = res.get("total_seconds", 0.0) + other.get("total_seconds", 0.0)
+  text = report(res, stem, plot=plot)
+  with open(stem + ".json", "w") as f:
+    json.dump(res, f, indent=1)
+  print(text)
+  return res
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   os.makedirs(args.out, exist_ok=True)
@@ -674,6 +707,8 @@ def main(argv=None):
       json.dump(results, f, indent=1)
     return results
   stem = os.path.join(args.out, f"flat_{args.tag}")
+  if args.merge:
+    return merge(args.merge, stem, plot=not args.no_plot)
   t0 = time.perf_counter()
   results: dict = {"config": {k: v for k, v in vars(args).items()}, "tasks": {},
                    "settings": SETTINGS,
