@@ -349,6 +349,11 @@ def per_run_summary(entry: dict) -> dict:
           row[split][name] = float(np.mean(d[name])) if name in d else math.nan
       rob = np.asarray(r["robustness"]["mean"])          # (R, m)
       row["robust_auc"] = float(np.mean(rob[:, cl] if cl else rob))
+      # The drop at r = 0.3 separates robustness from clean accuracy (which the mean
+      # over radii, robust_auc, includes).
+      radii = list(r["robustness"]["radii"])
+      per_r = (rob[:, cl] if cl else rob).mean(-1)
+      row["noise_drop"] = float(per_r[radii.index(0.3)] - per_r[0]) if 0.3 in radii else math.nan
       row["sharp_plain"] = float(np.mean(r["sharpness"]["plain_loss_increase"][1]))
       row["sharp_adaptive"] = float(np.mean(r["sharpness"]["adaptive_loss_increase"][-1]))
       row["gdiff_plain"] = float(np.mean(r["sharpness"]["plain_grad_diff_norm"][1]))
@@ -371,7 +376,7 @@ def paired_gaps(entry: dict, summary: dict) -> list[dict]:
     if arm == "direct-authors":
       pairs.append((method, "direct − decomposed (authors)", f"{method}/flat-authors", key))
   metrics_ = [(m_, hib, sp) for sp in ("test", "shift") for m_, hib in GAP_METRICS]
-  metrics_ += [("robust_auc", True, None), ("sharp_plain", False, None),
+  metrics_ += [("robust_auc", True, None), ("noise_drop", True, None), ("sharp_plain", False, None),
                ("sharp_adaptive", False, None), ("gdiff_plain", False, None)]
   for method, arm, base_key, key in pairs:
     if base_key not in summary:
@@ -392,58 +397,74 @@ def paired_gaps(entry: dict, summary: dict) -> list[dict]:
   return rows
 
 
-def _scale(metric):
-  """Display factor: percentages for acc/ECE, raw otherwise."""
-  return 100.0 if metric in ("acc", "ece") else 1.0
+PERCENT = ("acc", "ece", "robust_auc", "noise_drop")
+GAP_COLUMNS = {
+    "in-domain test": [(m_, "test") for m_, _ in GAP_METRICS],
+    "shifted test (load_digits composites) and weight space":
+        [(m_, "shift") for m_, _ in GAP_METRICS]
+        + [("robust_auc", ""), ("noise_drop", ""), ("sharp_plain", ""), ("sharp_adaptive", "")],
+}
+COLUMN_NAMES = {"acc": "acc (pts)", "delta_m": "Δm%", "ece": "ECE (pts)", "brier": "Brier",
+                "nll": "NLL", "entropy": "entropy", "robust_auc": "noise acc (pts)",
+                "noise_drop": "noise drop r=.3 (pts)", "sharp_plain": "sharp. ρ=.05",
+                "sharp_adaptive": "sharp. ASAM ρ=2"}
 
 
 def format_gap_table(gaps: list[dict]) -> str:
-  """Markdown: per method and arm, paired gap mean ± std (seeds where the arm is better)."""
-  cols = [(m_, sp) for sp in ("test", "shift") for m_, _ in GAP_METRICS]
-  head = ["method", "arm"] + [f"{m_} ({'in' if sp == 'test' else 'shift'})" for m_, sp in cols]
-  head += ["noise acc", "sharp. ρ=.05", "sharp. ASAM ρ=2"]
-  cols += [("robust_auc", ""), ("sharp_plain", ""), ("sharp_adaptive", "")]
+  """Markdown, two tables: per method and arm, paired gap mean ± std (k/n seeds better)."""
   index = {(g["method"], g["arm"], g["metric"], g["split"]): g for g in gaps}
   keys = list(dict.fromkeys((g["method"], g["arm"]) for g in gaps))
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for method, arm in keys:
-    cells = [registry.label(method), arm]
-    for m_, sp in cols:
-      g = index.get((method, arm, m_, sp))
-      if g is None:
-        cells.append("–")
-        continue
-      f = _scale(m_) if m_ != "robust_auc" else 100.0
-      prec = 2 if f == 100.0 or m_ == "delta_m" else 4
-      mark = "↑" if g["higher_is_better"] is None else ""
-      cells.append(f"{g['mean'] * f:+.{prec}f} ± {g['std'] * f:.{prec}f} "
-                   f"({g['agree']}/{g['seeds']}{mark})")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  out = []
+  for title, cols in GAP_COLUMNS.items():
+    head = ["method", "arm"] + [COLUMN_NAMES[m_] for m_, _ in cols]
+    lines = [f"*{title}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, arm in keys:
+      cells = [registry.label(method), arm]
+      for m_, sp in cols:
+        g = index.get((method, arm, m_, sp))
+        if g is None:
+          cells.append("–")
+          continue
+        f = 100.0 if m_ in PERCENT else 1.0
+        prec = 2 if f == 100.0 or m_ == "delta_m" else 3
+        mark = "↑" if g["higher_is_better"] is None else ""
+        cells.append(f"{g['mean'] * f:+.{prec}f} ± {g['std'] * f:.{prec}f} "
+                     f"({g['agree']}/{g['seeds']}{mark})")
+      lines.append("| " + " | ".join(cells) + " |")
+    out.append("\n".join(lines))
+  return "\n\n".join(out)
+
+
+ARM_COLUMNS = {
+    "in-domain test": [(m_, "test") for m_, _ in GAP_METRICS],
+    "shifted test (load_digits composites)": [(m_, "shift") for m_, _ in GAP_METRICS],
+    "weight space": [("robust_auc", None), ("noise_drop", None), ("sharp_plain", None),
+                     ("sharp_adaptive", None), ("gdiff_plain", None)],
+}
+COLUMN_NAMES_ABS = {**COLUMN_NAMES, "acc": "acc %", "ece": "ECE %", "robust_auc": "noise acc %",
+                    "noise_drop": "noise drop r=.3 (pts)", "gdiff_plain": "‖g^SAM − g‖ ρ=.05"}
 
 
 def format_arm_table(entry: dict, summary: dict) -> str:
-  """Markdown: per arm, mean ± std over seeds of the absolute numbers."""
-  head = ["method / arm", "acc % (in)", "acc % (shift)", "Δm% (in)", "Δm% (shift)",
-          "ECE % (in)", "ECE % (shift)", "Brier (in)", "Brier (shift)", "NLL (in)",
-          "NLL (shift)", "entropy (in)", "entropy (shift)", "noise acc %", "sharp. ρ=.05",
-          "best ep."]
-  cols = [("acc", "test"), ("acc", "shift"), ("delta_m", "test"), ("delta_m", "shift"),
-          ("ece", "test"), ("ece", "shift"), ("brier", "test"), ("brier", "shift"),
-          ("nll", "test"), ("nll", "shift"), ("entropy", "test"), ("entropy", "shift"),
-          ("robust_auc", None), ("sharp_plain", None)]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for key, by_seed in summary.items():
-    cells = [f"{registry.label(key.split('/')[0])} / {key.split('/')[1]}"]
-    for name, split in cols:
-      v = np.array([_get(r, name, split) for r in by_seed.values()])
-      f = 100.0 if name in ("acc", "ece", "robust_auc") else 1.0
-      prec = 2 if f == 100.0 or name == "delta_m" else 4
-      cells.append(f"{v.mean() * f:.{prec}f} ± {v.std() * f:.{prec}f}")
-    eps = [entry["runs"][key][s]["best_epoch"] for s in by_seed]
-    cells.append(",".join(str(e + 1) for e in eps))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  """Markdown, three tables: per arm, mean ± std over seeds of the absolute numbers."""
+  out = []
+  for title, cols in ARM_COLUMNS.items():
+    head = ["method / arm"] + [COLUMN_NAMES_ABS[m_] for m_, _ in cols]
+    if title == "in-domain test":
+      head.append("selected epochs")
+    lines = [f"*{title}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_seed in summary.items():
+      cells = [f"{registry.label(key.split('/')[0])} / {key.split('/')[1]}"]
+      for name, split in cols:
+        v = np.array([_get(r, name, split) for r in by_seed.values()])
+        f = 100.0 if name in PERCENT else 1.0
+        prec = 2 if f == 100.0 or name == "delta_m" else 3
+        cells.append(f"{v.mean() * f:.{prec}f} ± {v.std() * f:.{prec}f}")
+      if title == "in-domain test":
+        cells.append(",".join(str(entry["runs"][key][s_]["best_epoch"] + 1) for s_ in by_seed))
+      lines.append("| " + " | ".join(cells) + " |")
+    out.append("\n".join(lines))
+  return "\n\n".join(out)
 
 
 # ---------------------------------------------------------------------------
@@ -466,7 +487,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
 
   # 1. Paired gaps: one panel per metric and split, one group per (method, arm).
   panels = [(m_, sp) for sp in ("test", "shift") for m_, _ in GAP_METRICS]
-  panels += [("robust_auc", ""), ("sharp_plain", "")]
+  panels += [("robust_auc", ""), ("noise_drop", ""), ("sharp_plain", ""), ("sharp_adaptive", "")]
   groups = list(dict.fromkeys((g["method"], g["arm"]) for g in gaps))
   if groups:
     ncol = 4
@@ -479,7 +500,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
         g = index.get((method, arm, m_, sp))
         if g is None:
           continue
-        f = 100.0 if m_ in ("acc", "ece", "robust_auc") else 1.0
+        f = 100.0 if m_ in ("acc", "ece", "robust_auc", "noise_drop") else 1.0
         color = ARM_STYLE.get(arm, ("tab:purple", ":"))[0]
         ax.barh(j, g["mean"] * f, color=color, alpha=0.5)
         ax.scatter(np.asarray(g["diff"]) * f, np.full(len(g["diff"]), j), color="k", s=10,
@@ -488,7 +509,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
       ax.set_yticks(range(len(groups)))
       ax.set_yticklabels([f"{registry.label(a)} {b[:22]}" for a, b in groups], fontsize=7)
       ax.invert_yaxis()
-      unit = " (points)" if m_ in ("acc", "ece", "robust_auc") else ""
+      unit = " (points)" if m_ in ("acc", "ece", "robust_auc", "noise_drop") else ""
       where = {"test": "in-domain", "shift": "shifted", "": ""}[sp]
       ax.set_title(f"{m_} {where}{unit}", fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
@@ -573,12 +594,13 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
     curves = np.array([np.mean(r["history"]["sharp_plain_0.05"], -1) for r in by_seed.values()])
     ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), color=color, ls=ls, label=arm)
 
-  per_method("robustness", "accuracy of θ + r·d (d filter-normalised; mean over 5 directions, "
-             "± std over seeds)", draw_rob, "accuracy % (classification heads)",
+  per_method("robustness", "accuracy of θ + r·d\n(d filter-normalised; mean over 5 "
+             "directions, ± std over seeds)", draw_rob, "accuracy % (classification heads)",
              "noise radius r (fraction of each filter's norm)")
-  per_method("landscape", "Σ task losses along θ + α·d (seed 0; thin: train batch, wide pale: "
-             "test batch)", draw_land, "Σ_i L_i", "α (filter-normalised direction)")
-  per_method("sharpness", "sharpness over training, plain ρ = 0.05 (mean over tasks and seeds)",
+  per_method("landscape", "Σ task losses along θ + α·d\n(seed 0; thin: train batch, wide "
+             "pale: test batch)", draw_land, "Σ_i L_i", "α (filter-normalised direction)")
+  per_method("sharpness", "sharpness over training, plain ρ = 0.05\n(mean over tasks and "
+             "seeds)",
              draw_sharp, "L(θ+ε) − L(θ)", "epoch")
   return paths
 
