@@ -254,9 +254,10 @@ def train_and_measure(trainer: multimnist.Trainer, model: models.MultiTaskModel,
 # The study.
 # ---------------------------------------------------------------------------
 
-def arms(method: str, settings, ablation) -> list[tuple[str, Optional[str], str]]:
+def arms(method: str, settings, ablation,
+         vanilla: str = "vanilla") -> list[tuple[str, Optional[str], str]]:
   """``[(arm, setting, variant)]``: vanilla, flat-<setting>..., direct-authors."""
-  out = [("vanilla", None, "")]
+  out = [(vanilla, None, "")]
   out += [(f"flat-{s}", s, "decomposed") for s in settings]
   if method in ablation:
     out.append(("direct-authors", "authors", "direct"))
@@ -297,7 +298,8 @@ def run_task(task: str, args, results: dict, save) -> dict:
   for method in args.method_list:
     trainers = {}
     for seed in args.seed_list:
-      for arm, setting, variant in arms(method, args.setting_list, args.ablation_list):
+      for arm, setting, variant in arms(method, args.setting_list, args.ablation_list,
+                                        args.vanilla_name):
         key = f"{method}/{arm}"
         if key not in trainers:
           trainers[key] = build_trainer(model, method, setting, variant, args.batch_size, m)
@@ -375,6 +377,10 @@ def paired_gaps(entry: dict, summary: dict) -> list[dict]:
       pairs.append((method, arm, f"{method}/vanilla", key))
     if arm == "direct-authors":
       pairs.append((method, "direct − decomposed (authors)", f"{method}/flat-authors", key))
+    if arm.startswith("vanilla-"):   # a control, e.g. vanilla with 2x the epochs
+      for flat_arm in ("flat-authors", "flat-plain"):
+        if f"{method}/{flat_arm}" in summary:
+          pairs.append((method, f"{flat_arm} − {arm}", key, f"{method}/{flat_arm}"))
   metrics_ = [(m_, hib, sp) for sp in ("test", "shift") for m_, hib in GAP_METRICS]
   metrics_ += [("robust_auc", True, None), ("noise_drop", True, None), ("sharp_plain", False, None),
                ("sharp_adaptive", False, None), ("gdiff_plain", False, None)]
@@ -623,7 +629,12 @@ def parse_args(argv=None):
   p.add_argument("--methods", default="mean,mgda,cagrad",
                  help="comma list ('pairs' = uniform loss and " + ",".join(registry.FLAT_PAIRS)
                  + "); 'mean' (the Δm% reference) is always added")
-  p.add_argument("--settings", default="both", choices=("authors", "plain", "both"))
+  p.add_argument("--settings", default="both", choices=("authors", "plain", "both", "none"),
+                 help="SAM settings of the flat arms ('none': vanilla arms only, e.g. a "
+                      "control with other epochs, see --vanilla-name)")
+  p.add_argument("--vanilla-name", default="vanilla",
+                 help="arm name of the vanilla runs; 'vanilla-<x>' names a control that "
+                      "--merge pairs with the flat arms of another file")
   p.add_argument("--ablation", default="cagrad",
                  help="methods that also run mo.flat(A, 'direct') at the authors' setting")
   p.add_argument("--seeds", type=int, default=3)
@@ -658,7 +669,8 @@ def parse_args(argv=None):
   if not args.no_reference:
     names = "mean," + names   # the Δm% reference
   args.method_list = registry.resolve(names)
-  args.setting_list = ["authors", "plain"] if args.settings == "both" else [args.settings]
+  args.setting_list = {"both": ["authors", "plain"], "none": []}.get(args.settings,
+                                                                    [args.settings])
   args.ablation_list = [x for x in args.ablation.split(",") if x]
   if "authors" not in args.setting_list:
     args.ablation_list = []   # direct vs decomposed is compared at the authors' setting
@@ -701,7 +713,8 @@ def merge(paths, stem: str, plot: bool = True) -> dict:
   res["merged_from"] = list(paths)
   res["config"]["method_list"] = list(res["config"]["method_list"])
   for other in parts[1:]:
-    for key in ("epochs", "n_train", "encoder", "lr", "batch_size", "n_test", "n_shift"):
+    # Epochs may differ: a vanilla control with more epochs is merged under its own arm name.
+    for key in ("n_train", "encoder", "lr", "batch_size", "n_test", "n_shift", "data_seed"):
       if other["config"][key] != res["config"][key]:
         raise ValueError(f"merge: {key} differs ({other['config'][key]} vs {res['config'][key]})")
     for task, entry in other["tasks"].items():
