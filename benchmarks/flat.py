@@ -27,8 +27,8 @@ scikit-learn's 8x8 ``load_digits``, upsampled):
   uniform-loss (``mean``) runs (mean over seeds; ``mean`` is always run);
 * for classification heads: ECE (15 bins), Brier, NLL, mean predictive
   entropy and the reliability diagram;
-* accuracy under weight noise (``mo.metrics.noise_robustness``,
-  filter-normalised directions, so a radius r moves every filter by r times
+* accuracy of the classification heads under weight noise
+  (``mo.metrics.noise_robustness``, filter-normalised directions, so a radius r moves every filter by r times
   its own norm: comparable between a flat and a vanilla model whose weight
   norms differ);
 * sharpness L_i(θ + ε_i) − L_i(θ) and ‖g_i^SAM − g_i‖ (``mo.metrics.sharpness``)
@@ -350,12 +350,15 @@ def per_run_summary(entry: dict) -> dict:
         for name in ("ece", "brier", "nll", "entropy"):
           row[split][name] = float(np.mean(d[name])) if name in d else math.nan
       rob = np.asarray(r["robustness"]["mean"])          # (R, m)
-      row["robust_auc"] = float(np.mean(rob[:, cl] if cl else rob))
+      # Accuracy under noise, on the classification heads (NaN without one: the raw
+      # curves of reconstruction heads, MSE, stay in the results file).
+      row["robust_auc"] = float(np.mean(rob[:, cl])) if cl else math.nan
       # The drop at r = 0.3 separates robustness from clean accuracy (which the mean
       # over radii, robust_auc, includes).
       radii = list(r["robustness"]["radii"])
-      per_r = (rob[:, cl] if cl else rob).mean(-1)
-      row["noise_drop"] = float(per_r[radii.index(0.3)] - per_r[0]) if 0.3 in radii else math.nan
+      per_r = rob[:, cl].mean(-1) if cl else None
+      row["noise_drop"] = (float(per_r[radii.index(0.3)] - per_r[0])
+                           if per_r is not None and 0.3 in radii else math.nan)
       row["sharp_plain"] = float(np.mean(r["sharpness"]["plain_loss_increase"][1]))
       row["sharp_adaptive"] = float(np.mean(r["sharpness"]["adaptive_loss_increase"][-1]))
       row["gdiff_plain"] = float(np.mean(r["sharpness"]["plain_grad_diff_norm"][1]))
@@ -581,7 +584,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
     paths.append(p)
 
   def draw_rob(ax, by_seed, color, ls, arm):
-    curves = np.array([np.asarray(r["robustness"]["mean"])[:, cl or slice(None)].mean(-1)
+    curves = np.array([np.asarray(r["robustness"]["mean"])[:, cl].mean(-1)
                        for r in by_seed.values()])
     radii = next(iter(by_seed.values()))["robustness"]["radii"]
     ax.errorbar(radii, curves.mean(0) * 100, yerr=curves.std(0) * 100, color=color, ls=ls,
@@ -600,9 +603,10 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
     curves = np.array([np.mean(r["history"]["sharp_plain_0.05"], -1) for r in by_seed.values()])
     ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), color=color, ls=ls, label=arm)
 
-  per_method("robustness", "accuracy of θ + r·d\n(d filter-normalised; mean over 5 "
-             "directions, ± std over seeds)", draw_rob, "accuracy % (classification heads)",
-             "noise radius r (fraction of each filter's norm)")
+  if cl:
+    per_method("robustness", "accuracy of θ + r·d\n(d filter-normalised; mean over 5 "
+               "directions, ± std over seeds)", draw_rob, "accuracy % (classification heads)",
+               "noise radius r (fraction of each filter's norm)")
   per_method("landscape", "Σ task losses along θ + α·d\n(seed 0; thin: train batch, wide "
              "pale: test batch)", draw_land, "Σ_i L_i", "α (filter-normalised direction)")
   per_method("sharpness", "sharpness over training, plain ρ = 0.05\n(mean over tasks and "
