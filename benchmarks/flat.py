@@ -28,9 +28,9 @@ scikit-learn's 8x8 ``load_digits``, upsampled):
 * for classification heads: ECE (15 bins), Brier, NLL, mean predictive
   entropy and the reliability diagram;
 * accuracy of the classification heads under weight noise
-  (``mo.metrics.noise_robustness``, filter-normalised directions, so a radius r moves every filter by r times
-  its own norm: comparable between a flat and a vanilla model whose weight
-  norms differ);
+  (``mo.metrics.noise_robustness``, filter-normalised directions, so a radius r
+  moves every filter by r times its own norm: comparable between a flat and a
+  vanilla model whose weight norms differ);
 * sharpness L_i(θ + ε_i) − L_i(θ) and ‖g_i^SAM − g_i‖ (``mo.metrics.sharpness``)
   at plain radii (0.02, 0.05, 0.1) and at the adaptive radii (0.5, 2) on a
   fixed training batch, in inference mode; the plain ρ = 0.05 value also
