@@ -299,6 +299,20 @@ class MultiTaskModel:
       out.append(_loss(kind, pred, targets[i]))
     return jnp.stack(out)
 
+  def per_task_head_losses(self, heads_params, zs: jax.Array, targets) -> jax.Array:
+    """Per-task losses ``(m,)`` where head ``i`` reads its own representation ``zs[i]``.
+
+    The ``heads_loss_fn`` of `mtl_optax.rotograd_update`: ``zs`` (m, B, d) are
+    the per-task rotated copies of the shared representation.
+    """
+    return jnp.stack([_loss(kind, self.head(i, heads_params[f"task{i}"], zs[i]), targets[i])
+                      for i, kind in enumerate(self.tasks)])
+
+  def per_task_head_metrics(self, heads_params, zs: jax.Array, targets) -> jax.Array:
+    """Per-task metrics ``(m,)`` (as `task_metrics`) with head ``i`` reading ``zs[i]``."""
+    return jnp.stack([_metric(kind, self.head(i, heads_params[f"task{i}"], zs[i]), targets[i])
+                      for i, kind in enumerate(self.tasks)])
+
   def task_losses(self, params, batch, model_state=None) -> jax.Array:
     """Per-task mean losses ``(m,)``: cross-entropy (CL) or MSE (RR).
 

@@ -47,7 +47,10 @@ from a second shuffle of the training split instead, as Auto-Lambda's code (a
 copy of the training loader in another order). SAMO (``engine="samo"``) computes
 the gradients with ``mo.samo_task_grads`` and carries the perturbation's PRNG
 state in the optimizer state; MGDA-UB (``engine="representation"``) runs
-``mo.representation_update``.
+``mo.representation_update``; RotoGrad (``engine="rotograd"``) runs
+``mo.rotograd_update``: the heads read per-task rotations of the encoder's
+features (in training and evaluation), the rotation generators live in the
+parameters under ``"rotation"`` and are trained by their own Adam.
 
 Outputs ``benchmarks/results/multimnist_<tasks>_<tag>.json`` and ``.png``.
 """
@@ -164,7 +167,14 @@ class Trainer:
   ``engine="representation"`` runs ``mo.representation_update`` (the aggregator
   on ∂L_i/∂z of the shared features z, stateless encoders only; its
   interference is NaN: there are no per-task parameter gradients) with the
-  optimizer state ``(aggregator_state, adam_state)``. The default (no needs,
+  optimizer state ``(aggregator_state, adam_state)``; ``engine="rotograd"``
+  runs ``mo.rotograd_update`` (stateless encoders only; interference NaN): the
+  parameters gain ``"rotation"`` (the ``mo.rotograd_rotations`` module's params,
+  generators (m, d, d) at zero: identity rotations), trained by a separate Adam
+  at ``engine_kwargs["rotation_lr_scale"]`` (default 1) times the learning
+  rate, the optimizer state is ``(aggregator_state, adam_state,
+  rotation_adam_state)`` and evaluation feeds head i the rotated features
+  R_i z. The default (no needs,
   ``"task_grads"``) compiles exactly the program it did before these options
   existed.
   """
@@ -197,11 +207,12 @@ class Trainer:
   def __post_init__(self):
     m = self.model.num_tasks
     model, agg, bs = self.model, self.agg, self.batch_size
-    if self.engine not in ("task_grads", "samo", "representation"):
+    if self.engine not in ("task_grads", "samo", "representation", "rotograd"):
       raise ValueError(f"Trainer: unknown gradient engine {self.engine!r}")
-    if self.engine == "representation" and model.has_state:
-      # mo.representation_grads has no model-state form (the encoder's new statistics).
-      raise ValueError("Trainer: engine 'representation' needs a stateless encoder, got "
+    if self.engine in ("representation", "rotograd") and model.has_state:
+      # mo.representation_grads / mo.rotograd_update have no model-state form (the
+      # encoder's new BatchNorm statistics would be lost).
+      raise ValueError(f"Trainer: engine {self.engine!r} needs a stateless encoder, got "
                        f"{model.encoder!r}")
     if self.engine != "task_grads" and (self.flat or agg is None):
       raise ValueError(f"Trainer: engine {self.engine!r} runs plain (non-flat) aggregators")
@@ -214,6 +225,9 @@ class Trainer:
     # initial state (per run, in init).
     samo = self._samo() if self.engine == "samo" else None
     rep = self.engine == "representation"
+    roto = self.engine == "rotograd"
+    rotations = self._rotations() if roto else None
+    rot_scale = float(self.engine_kwargs.get("rotation_lr_scale", 1.0)) if roto else 1.0
     needs = self.needs
 
     # (losses, new model state); stateless encoders carry {} unchanged.
@@ -236,6 +250,18 @@ class Trainer:
         extra["train_batch"] = (ms, batch["images"], batch["targets"])
       if "val_batch" in needs:
         extra["val_batch"] = (ms, val[0][vidx], tuple(t[vidx] for t in val[1]))
+      if roto:  # tx is (aggregator, adam, rotation adam), s their states
+        losses, (trunk_g, heads_g, rot_g), s_agg = mo.rotograd_update(
+            tx[0], s[0], model.encode, model.per_task_head_losses, p["encoder"], p["heads"],
+            p["rotation"], (model.inputs(batch["images"]),), (batch["targets"],), **extra)
+        net = {"encoder": p["encoder"], "heads": p["heads"]}
+        u, s_opt = tx[1].update({"encoder": trunk_g, "heads": heads_g}, s[1], net)
+        u_rot, s_rot = tx[2].update(rot_g, s[2], p["rotation"])
+        p = dict(optax.apply_updates(net, u), rotation=optax.apply_updates(p["rotation"], u_rot))
+        w = jnp.zeros((m,), jnp.float32)
+        if self.weighted:
+          w = mo.diagnostics(s_agg).get("weights", w).astype(jnp.float32)
+        return (p, (s_agg, s_opt, s_rot), ms), (losses, w, jnp.float32(jnp.nan))
       if rep:   # tx is (aggregator, adam), s their states
         losses, (trunk_u, heads_u), s_agg = mo.representation_update(
             tx[0], s[0], model.encode, model.head_losses, p["encoder"], p["heads"],
@@ -272,6 +298,8 @@ class Trainer:
       tx = optax.adam(lr) if agg is None else optax.chain(agg, optax.adam(lr))
       if rep:   # the aggregator's output is a cotangent of z, not an update: applied apart
         tx = (agg, optax.adam(lr))
+      if roto:  # the rotations have their own optimizer, as in the reference code
+        tx = (agg, optax.adam(lr), optax.adam(lr * rot_scale))
       n = images.shape[0]
       steps = n // bs
       perm = jax.random.permutation(key, n)[:steps * bs].reshape(steps, bs)
@@ -291,20 +319,31 @@ class Trainer:
           "loss": losses.mean(0), "weights": w.mean(0), "interference": inter.mean(),
           "finite": jnp.all(jnp.isfinite(losses))}
 
+    task_metrics = model.task_metrics
+    if roto:
+      def task_metrics(params, batch, model_state=None):  # pylint: disable=unused-argument
+        z = model.encode(params["encoder"], model.inputs(batch["images"]))
+        zs = rotations.apply({"params": params["rotation"]}, z)
+        return model.per_task_head_metrics(params["heads"], zs, batch["targets"])
+
     def evaluate(params, model_state, images, targets):
       n = images.shape[0]
       chunk = max(d for d in range(1, min(n, 500) + 1) if n % d == 0)
       k = n // chunk
       imgs = images.reshape(k, chunk, *images.shape[1:])
       tg = tuple(t.reshape(k, chunk, *t.shape[1:]) for t in targets)
-      vals = jax.lax.map(lambda xs: model.task_metrics(
+      vals = jax.lax.map(lambda xs: task_metrics(
           params, {"images": xs[0], "targets": xs[1]}, model_state or None), (imgs, tg))
       return vals.mean(0)
 
     # No buffer donation: some method states alias one array in several leaves.
     self.epoch_fn = jax.jit(epoch)
-    # Evaluation depends only on the model: one compiled function per model.
-    self.eval_fn = _EVAL_CACHE.setdefault(model, jax.jit(evaluate))
+    # Evaluation depends only on the model (and the rotations): one compiled function per model.
+    self.eval_fn = _EVAL_CACHE.setdefault((model, "rotograd") if roto else model,
+                                          jax.jit(evaluate))
+
+  def _rotations(self):
+    return mo.rotograd_rotations(self.model.num_tasks, self.model.feature_dim)
 
   def init(self, seed):
     """``(params, opt_state, model_state)``; model_state is ``{}`` without BatchNorm.
@@ -314,6 +353,13 @@ class Trainer:
     """
     params, model_state = self.model.init_state(jax.random.key(seed))
     agg = self.agg if self.agg_for_seed is None else self.agg_for_seed(seed)
+    if self.engine == "rotograd":   # identity rotations: the generators start at zero
+      z = jnp.zeros((self.batch_size, self.model.feature_dim), jnp.float32)
+      params = dict(params, rotation=self._rotations().init(jax.random.key(seed), z)["params"])
+      net = {"encoder": params["encoder"], "heads": params["heads"]}
+      opt_state = (agg.init(z), optax.adam(1e-3).init(net),
+                   optax.adam(1e-3).init(params["rotation"]))
+      return params, opt_state, model_state
     # The learning rate is not part of the state.
     tx = optax.adam(1e-3) if agg is None else optax.chain(agg, optax.adam(1e-3))
     opt_state = tx.init(params)

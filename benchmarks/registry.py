@@ -32,7 +32,11 @@ that a harness can supply it without knowing the method by name:
   ``mo.samo_perturbation(**engine_kwargs)`` whose PRNG state the harness carries
   next to the optimizer state; ``"representation"``: ``mo.representation_update``
   (the aggregator on the per-task gradients w.r.t. the shared representation,
-  one backward pass through the encoder; MGDA there is MGDA-UB).
+  one backward pass through the encoder; MGDA there is MGDA-UB); ``"rotograd"``:
+  ``mo.rotograd_update`` (per-task rotations of the shared representation, held
+  in the parameters next to the encoder and heads and trained by their own Adam
+  at ``rotation_lr_scale`` times the model's learning rate; the aggregator acts
+  on the gradients w.r.t. the representation).
 
 Adding a method: one line in ``REGISTRY``.
 """
@@ -60,7 +64,8 @@ class Spec:
 NEEDS = ("loss_fn", "val_batch", "train_batch")
 # engine -> the mtl_optax names it uses (the method is unavailable without them).
 ENGINES = {"task_grads": ("task_grads",), "samo": ("samo_perturbation", "samo_task_grads"),
-           "representation": ("representation_update",)}
+           "representation": ("representation_update",),
+           "rotograd": ("rotograd_update", "rotograd_rotations")}
 
 
 def _s(factory, label=None, gradient_based=True, needs=(), engine="task_grads",
@@ -127,6 +132,12 @@ REGISTRY: dict[str, Spec] = {
     # SAMO's SAM gradients on the uniform mean, the authors' defaults (rho 1e-3, alpha 0.5:
     # their --beta 0.5, layer-wise mix, no ASAM).
     "samo": _s("mean", "SAMO", engine="samo", engine_kwargs=dict(rho=1e-3, alpha=0.5)),
+    # RotoGrad (Javaloy & Valera): rotations of the shared features + the gradient-norm
+    # homogenisation on the representation gradients; the reference code's burn-in (20 steps).
+    # Rotation learning rate = the model's: the reference example's fallback when no separate
+    # rate is given (its README advises a smaller one; not tuned here).
+    "rotograd": _s("rotograd", "RotoGrad", engine="rotograd", burn_in_period=20,
+                   engine_kwargs=dict(rotation_lr_scale=1.0)),
 }
 
 # Public factories the generic harness does not run: they need a weight vector
@@ -134,7 +145,7 @@ REGISTRY: dict[str, Spec] = {
 # batches or a model change, or they are not meaningful with two tasks.
 EXCLUDED = {
     "sum", "linear_scalarization", "flat", "task_perturbation", "sharpness_aware_task_grads",
-    "rotograd", "sdmgrad", "modo", "krum", "trimmed_mean",
+    "sdmgrad", "modo", "krum", "trimmed_mean",
     "make_aggregator", "make_train_step", "make_nnx_train_step", "task_grads",
     "representation_grads", "representation_update", "aggregator_info", "diagnostics",
     "task_weights", "multi_batch_task_grads", "rotograd_rotation_loss", "rotograd_rotations",
