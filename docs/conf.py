@@ -78,6 +78,8 @@ _README_LINKS = {
     "(benchmarks/README.md": "(/benchmarks.md",    # with or without an #anchor
     "(docs/distributed.md)": "(/distributed.md)",
     "(../shared/spec/benchmarks.md)": "",
+    # benchmarks/README.md's figures and result links, seen from docs/benchmarks.md.
+    "](results/": "](../benchmarks/results/",
 }
 
 
