@@ -490,6 +490,13 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
+
+  def save(fig, name):
+    fig.tight_layout()
+    path = f"{stem}_{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
   runs = entry["runs"]
   methods = list(dict.fromkeys(k.split("/")[0] for k in runs))
   cl = [i for i, k in enumerate(entry["kinds"]) if k == "CL"]
@@ -525,11 +532,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
       ax.axis("off")
     fig.suptitle(f"{task}: arm − baseline per seed (dots) and mean (bars); flat − vanilla, "
                  "direct − decomposed", fontsize=10)
-    fig.tight_layout()
-    p = f"{stem}_gaps.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "gaps")
 
   # 2. Reliability diagrams: bins pooled over seeds and classification heads.
   if cl:
@@ -558,11 +561,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
       ax.set_title(f"{registry.label(method)}, {'in-domain' if split == 'test' else 'shifted'} "
                    f"test (pooled over seeds, heads)", fontsize=9)
       ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = f"{stem}_reliability.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "reliability")
 
   # 3. Robustness and 4. landscape slices and 5. sharpness over training: one panel per method.
   def per_method(fname, title, draw, ylabel, xlabel):
@@ -577,11 +576,7 @@ def plot_all(task: str, entry: dict, summary: dict, gaps: list[dict], stem: str)
       ax.set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{task}: {title}", fontsize=10)
-    fig.tight_layout()
-    p = f"{stem}_{fname}.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, fname)
 
   def draw_rob(ax, by_seed, color, ls, arm):
     curves = np.array([np.asarray(r["robustness"]["mean"])[:, cl].mean(-1)
@@ -665,10 +660,7 @@ def parse_args(argv=None):
                       "file to --merge with)")
   args = p.parse_args(argv)
   if args.quick:
-    defaults = {a.dest: a.default for a in p._actions}  # pylint: disable=protected-access
-    for k, v in QUICK.items():
-      if getattr(args, k) == defaults[k]:
-        setattr(args, k, v)
+    multimnist.apply_quick_defaults(p, args, QUICK)
   names = ",".join(["mean", *registry.FLAT_PAIRS]) if args.methods == "pairs" else args.methods
   if not args.no_reference:
     names = "mean," + names   # the Δm% reference

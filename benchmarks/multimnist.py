@@ -233,6 +233,13 @@ class Trainer:
     # (losses, new model state); stateless encoders carry {} unchanged.
     losses_fn = model.stateful_task_losses
 
+    def weights_of(state):
+      """The step's task weights (zeros for methods without weights)."""
+      w = jnp.zeros((m,), jnp.float32)
+      if self.weighted:
+        w = mo.diagnostics(state).get("weights", w).astype(jnp.float32)
+      return w
+
     def body(tx, ep, carry, idx, images, targets, vidx=None, val=None):
       p, s, ms = carry   # ms: model state (BatchNorm statistics; {} if none)
       batch = {"images": images[idx], "targets": tuple(t[idx] for t in targets)}
@@ -258,9 +265,7 @@ class Trainer:
         u, s_opt = tx[1].update({"encoder": trunk_g, "heads": heads_g}, s[1], net)
         u_rot, s_rot = tx[2].update(rot_g, s[2], p["rotation"])
         p = dict(optax.apply_updates(net, u), rotation=optax.apply_updates(p["rotation"], u_rot))
-        w = jnp.zeros((m,), jnp.float32)
-        if self.weighted:
-          w = mo.diagnostics(s_agg).get("weights", w).astype(jnp.float32)
+        w = weights_of(s_agg)
         return (p, (s_agg, s_opt, s_rot), ms), (losses, w, jnp.float32(jnp.nan))
       if rep:   # tx is (aggregator, adam), s their states
         losses, (trunk_u, heads_u), s_agg = mo.representation_update(
@@ -268,9 +273,7 @@ class Trainer:
             (model.inputs(batch["images"]),), (batch["targets"],), **extra)
         u, s_opt = tx[1].update({"encoder": trunk_u, "heads": heads_u}, s[1], p)
         s = (s_agg, s_opt)
-        w = jnp.zeros((m,), jnp.float32)
-        if self.weighted:
-          w = mo.diagnostics(s_agg).get("weights", w).astype(jnp.float32)
+        w = weights_of(s_agg)
         return (optax.apply_updates(p, u), s, ms), (losses, w, jnp.float32(jnp.nan))
       if samo is not None:
         s, ps = s   # (tx state, SAMO perturbation state)
@@ -285,11 +288,7 @@ class Trainer:
       inter = metrics.interference(g, task_specific=heads_mask) if m > 1 else jnp.float32(1.0)
       u, s = tx.update(g, s, p, losses=losses, **extra)
       p = optax.apply_updates(p, u)
-      w = jnp.zeros((m,), jnp.float32)
-      if self.weighted:
-        diag = mo.diagnostics(s)
-        if "weights" in diag:
-          w = diag["weights"].astype(jnp.float32)
+      w = weights_of(s)
       if samo is not None:
         s = (s, ps)
       return (p, s, ms), (losses, w, inter)
@@ -775,6 +774,14 @@ QUICK = dict(n_train=512, n_val=256, n_test=256, epochs=2, seeds=1, lrs="1e-3",
              batch_size=128, ls_grid="0.3,0.7", encoder="mlp")
 
 
+def apply_quick_defaults(parser: argparse.ArgumentParser, args, quick: dict) -> None:
+  """``--quick``: each option the user left at its default takes its ``quick`` value."""
+  defaults = {a.dest: a.default for a in parser._actions}  # pylint: disable=protected-access
+  for k, v in quick.items():
+    if getattr(args, k) == defaults[k]:
+      setattr(args, k, v)
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -814,10 +821,7 @@ def parse_args(argv=None):
   p.add_argument("--strict", action="store_true", help="stop on the first failing method")
   args = p.parse_args(argv)
   if args.quick:
-    defaults = {a.dest: a.default for a in p._actions}  # pylint: disable=protected-access
-    for k, v in QUICK.items():
-      if getattr(args, k) == defaults[k]:
-        setattr(args, k, v)
+    apply_quick_defaults(p, args, QUICK)
   args.lrs = [float(x) for x in str(args.lrs).split(",") if x]
   args.ls_grid = [float(x) for x in str(args.ls_grid).split(",") if x]
   args.method_list = registry.resolve(args.methods)
