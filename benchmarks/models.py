@@ -14,7 +14,11 @@ Architecture (after the FS-MTL LeNet):
 * head ``CL`` (classification): dense d->10 logits, cross-entropy, accuracy;
 * head ``RR`` (reconstruction): dense d->256 -> ReLU -> dense 256->784 ->
   sigmoid, mean squared error against the 28x28 right (or left) digit
-  (d = 50, or 100 for the ResNets).
+  (d = 50, or 100 for the ResNets);
+* heads ``BC`` (binary attribute: dense d->2, cross-entropy, accuracy) and
+  ``SR`` (scalar regression: dense d->1, squared error, MSE), used by the
+  many-task sets of ``benchmarks.interference``; ``loss_scales`` multiplies the
+  training losses per task (the metrics are unchanged).
 
 Model state: the ResNet encoders carry BatchNorm statistics
 (``has_state``). `MultiTaskModel.init_state` returns them as
@@ -50,7 +54,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -70,7 +75,8 @@ RESNETS = {  # encoder -> (width, stage_sizes, conv_impl)
 }
 ENCODERS = ("lenet", "lenet_reference", "mlp", *RESNETS)
 # Metric per head kind: (name, lower_is_better), for Δm%.
-METRICS = {"CL": ("accuracy", False), "RR": ("mse", True)}
+METRICS = {"CL": ("accuracy", False), "BC": ("accuracy", False), "RR": ("mse", True),
+           "SR": ("mse", True)}
 
 _CONV1 = dict(features=10, kernel_size=(9, 9))
 _CONV2 = dict(features=20, kernel_size=(5, 5))
@@ -145,11 +151,21 @@ class MLPEncoder(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-  """Dense 50 -> 10 logits."""
+  """Dense 50 -> ``classes`` logits (10: a digit class; 2: a binary attribute)."""
+
+  classes: int = 10
 
   @nn.compact
   def __call__(self, z):
-    return nn.Dense(10, name="out")(z)
+    return nn.Dense(self.classes, name="out")(z)
+
+
+class ScalarHead(nn.Module):
+  """Dense 50 -> 1: a scalar regression (e.g. the sum of the two digits)."""
+
+  @nn.compact
+  def __call__(self, z):
+    return nn.Dense(1, name="out")(z)[:, 0]
 
 
 class ReconstructionHead(nn.Module):
@@ -161,7 +177,9 @@ class ReconstructionHead(nn.Module):
     return nn.sigmoid(nn.Dense(784, name="out")(z))
 
 
-_HEADS = {"CL": ClassificationHead, "RR": ReconstructionHead}
+# Head kinds: CL (10 classes), BC (binary), RR (a 28x28 image), SR (a scalar).
+_HEADS = {"CL": ClassificationHead, "BC": functools.partial(ClassificationHead, classes=2),
+          "RR": ReconstructionHead, "SR": ScalarHead}
 
 
 def lenet_patches(images: jax.Array, block_width: int = 7) -> jax.Array:
@@ -184,7 +202,8 @@ class MultiTaskModel:
   Hashable, so it can be a static argument / closed over in ``jax.jit``.
 
   Attributes:
-    tasks: head kind per task, each ``"CL"`` or ``"RR"``.
+    tasks: head kind per task: ``"CL"`` (10 classes), ``"BC"`` (binary),
+      ``"RR"`` (reconstruction) or ``"SR"`` (scalar regression).
     encoder: ``"lenet"`` (fast), ``"lenet_reference"``, ``"mlp"``,
       ``"resnet18"``, ``"resnet_small"`` (BatchNorm: see `has_state`) or
       their ``*_reference`` versions.
@@ -196,12 +215,18 @@ class MultiTaskModel:
   encoder: str = "lenet"
   conv1_block_width: int = 7
   conv2_block_width: int = 10
+  # Per-task factors of the training losses (None: all 1). The metrics are unchanged:
+  # a factor only changes what the methods see (a loss-scale disparity).
+  loss_scales: Optional[tuple[float, ...]] = None
 
   def __post_init__(self):
     if self.encoder not in ENCODERS:
       raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder}")
     if any(t not in _HEADS for t in self.tasks):
-      raise ValueError(f"tasks must be 'CL' or 'RR', got {self.tasks}")
+      raise ValueError(f"tasks must be among {tuple(_HEADS)}, got {self.tasks}")
+    if self.loss_scales is not None and len(self.loss_scales) != len(self.tasks):
+      raise ValueError(f"loss_scales has {len(self.loss_scales)} entries for "
+                       f"{len(self.tasks)} tasks")
 
   @property
   def num_tasks(self) -> int:
@@ -285,7 +310,7 @@ class MultiTaskModel:
     return z, {"batch_stats": updates["batch_stats"]}
 
   def head(self, i: int, head_params, z: jax.Array) -> jax.Array:
-    """Output of task ``i``'s head: logits ``(B, 10)`` or image ``(B, 784)``."""
+    """Task ``i``'s head: logits ``(B, 10)`` / ``(B, 2)``, image ``(B, 784)`` or ``(B,)``."""
     return _HEADS[self.tasks[i]]().apply({"params": head_params}, z)
 
   def _batch_inputs(self, batch):
@@ -293,11 +318,14 @@ class MultiTaskModel:
 
   def head_losses(self, heads_params, z: jax.Array, targets) -> jax.Array:
     """Per-task losses ``(m,)`` from a shared representation ``z``."""
-    out = []
-    for i, kind in enumerate(self.tasks):
-      pred = self.head(i, heads_params[f"task{i}"], z)
-      out.append(_loss(kind, pred, targets[i]))
-    return jnp.stack(out)
+    return self._scaled(jnp.stack([
+        _loss(kind, self.head(i, heads_params[f"task{i}"], z), targets[i])
+        for i, kind in enumerate(self.tasks)]))
+
+  def _scaled(self, losses: jax.Array) -> jax.Array:
+    if self.loss_scales is None:
+      return losses
+    return losses * jnp.asarray(self.loss_scales, losses.dtype)
 
   def per_task_head_losses(self, heads_params, zs: jax.Array, targets) -> jax.Array:
     """Per-task losses ``(m,)`` where head ``i`` reads its own representation ``zs[i]``.
@@ -305,8 +333,9 @@ class MultiTaskModel:
     The ``heads_loss_fn`` of `mtl_optax.rotograd_update`: ``zs`` (m, B, d) are
     the per-task rotated copies of the shared representation.
     """
-    return jnp.stack([_loss(kind, self.head(i, heads_params[f"task{i}"], zs[i]), targets[i])
-                      for i, kind in enumerate(self.tasks)])
+    return self._scaled(jnp.stack([
+        _loss(kind, self.head(i, heads_params[f"task{i}"], zs[i]), targets[i])
+        for i, kind in enumerate(self.tasks)]))
 
   def per_task_head_metrics(self, heads_params, zs: jax.Array, targets) -> jax.Array:
     """Per-task metrics ``(m,)`` (as `task_metrics`) with head ``i`` reading ``zs[i]``."""
@@ -329,7 +358,7 @@ class MultiTaskModel:
     return self.head_losses(params["heads"], z, batch["targets"]), new_state
 
   def task_metrics(self, params, batch, model_state=None) -> jax.Array:
-    """Per-task metrics ``(m,)``: accuracy (CL, higher is better) or MSE (RR).
+    """Per-task metrics ``(m,)``: accuracy (CL, BC; higher is better) or MSE (RR, SR).
 
     ResNet encoders: BatchNorm with the running averages of ``model_state``.
     """
@@ -347,13 +376,13 @@ _jit_init = jax.jit(MultiTaskModel._init, static_argnums=0)  # pylint: disable=p
 
 
 def _loss(kind: str, pred: jax.Array, target: jax.Array) -> jax.Array:
-  if kind == "CL":
+  if kind in ("CL", "BC"):
     return optax.softmax_cross_entropy_with_integer_labels(pred, target).mean()
   return jnp.mean((pred - target) ** 2)
 
 
 def _metric(kind: str, pred: jax.Array, target: jax.Array) -> jax.Array:
-  if kind == "CL":
+  if kind in ("CL", "BC"):
     return jnp.mean(jnp.argmax(pred, -1) == target)
   return jnp.mean((pred - target) ** 2)
 

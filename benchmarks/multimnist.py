@@ -52,6 +52,13 @@ state in the optimizer state; MGDA-UB (``engine="representation"``) runs
 features (in training and evaluation), the rotation generators live in the
 parameters under ``"rotation"`` and are trained by their own Adam.
 
+Tasks: a pair (``CL_RR``, ``CL_CR``, ``RL_RR``) or a comma list of task codes
+(`TASKS`: digit classes, parities, "≥ 5", left > right, the sum's last digit,
+the raw sum, the reconstructions), each optionally with a loss factor
+(``--tasks "CL,PL,GT,SUM,RR*0.1"``; the many-task sets of
+``benchmarks.interference``). ``--from FILE`` reuses an earlier run's STL
+baselines and method entries (e.g. to re-train only fixed weights).
+
 Outputs ``benchmarks/results/multimnist_<tasks>_<tag>.json`` and ``.png``.
 """
 
@@ -80,6 +87,43 @@ from benchmarks import registry
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TASK_NAMES = {"CL_CR": ("CL", "CR"), "CL_RR": ("CL", "RR"), "RL_RR": ("RL", "RR")}
 
+# Tasks on the composites, by code: (head kind, target from a split's digits). The pairs of
+# TASK_NAMES use the first four; the others make the many-task sets of benchmarks.interference.
+# l, r: the left and right digit classes; dl, dr: the unshifted 28x28 digits (flattened).
+TASKS = {
+    "CL": ("CL", lambda l, r, dl, dr: l),                  # class of the left digit
+    "CR": ("CL", lambda l, r, dl, dr: r),                  # class of the right digit
+    "RL": ("RR", lambda l, r, dl, dr: dl),                 # reconstruct the left digit
+    "RR": ("RR", lambda l, r, dl, dr: dr),                 # reconstruct the right digit
+    "PL": ("BC", lambda l, r, dl, dr: l % 2),              # parity of the left digit
+    "PR": ("BC", lambda l, r, dl, dr: r % 2),              # parity of the right digit
+    "HL": ("BC", lambda l, r, dl, dr: l >= 5),             # left digit >= 5
+    "HR": ("BC", lambda l, r, dl, dr: r >= 5),             # right digit >= 5
+    "GT": ("BC", lambda l, r, dl, dr: l > r),              # left digit > right digit
+    "S10": ("CL", lambda l, r, dl, dr: (l + r) % 10),      # last digit of the sum
+    "SUM": ("SR", lambda l, r, dl, dr: (l + r).astype(np.float32)),  # the sum, 0..18
+}
+
+
+def task_spec(tasks: str) -> tuple[tuple[str, ...], tuple[str, ...], Optional[tuple]]:
+  """``(names, kinds, loss_scales)`` of a task-pair name or a comma list of task codes.
+
+  ``tasks`` is a pair (``"CL_RR"``, see `TASK_NAMES`) or codes of `TASKS`, each
+  optionally with a loss factor: ``"CL,CR,PL,RR*0.1"``. ``loss_scales`` is None
+  when every factor is 1 (the model is then the one of the pair names).
+  """
+  items = TASK_NAMES.get(tasks) or tuple(x.strip() for x in tasks.split(",") if x.strip())
+  codes, scales = [], []
+  for item in items:
+    code, _, scale = item.partition("*")
+    if code not in TASKS:
+      raise ValueError(f"unknown task {code!r} in {tasks!r}: a pair {sorted(TASK_NAMES)} or "
+                       f"a comma list of {sorted(TASKS)} (each optionally '*factor')")
+    codes.append(code)
+    scales.append(float(scale) if scale else 1.0)
+  kinds = tuple(TASKS[c][0] for c in codes)
+  return tuple(items), kinds, (None if all(x == 1.0 for x in scales) else tuple(scales))
+
 
 # ---------------------------------------------------------------------------
 # Data.
@@ -88,20 +132,31 @@ TASK_NAMES = {"CL_CR": ("CL", "CR"), "CL_RR": ("CL", "RR"), "RL_RR": ("RL", "RR"
 @dataclasses.dataclass
 class Split:
   images: np.ndarray          # (N, 36, 36, 1) float32 in [0, 1]
-  targets: tuple              # per task: (N,) int32 labels or (N, 784) float32 images
+  targets: tuple              # per task: (N,) int32 labels, (N,) float32 or (N, 784) images
 
   def __len__(self):
     return int(self.images.shape[0])
 
 
 def load_data(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict:
-  """The multi-MNIST composites (``mtl_optax.datasets``) as {"train","val","test"}: Split."""
+  """The multi-MNIST composites (``mtl_optax.datasets``) as {"train","val","test"}: Split.
+
+  ``task``: as `task_spec` (a pair name or a comma list of task codes).
+  """
   from mtl_optax import datasets  # pylint: disable=g-import-not-at-top
+  names, _, _ = task_spec(task)
   out = {}
   for split in ("train", "val", "test"):
-    d = datasets.multi_mnist(task, split, seed=seed, n_train=n_train, n_val=n_val,
+    # RL_RR carries both digits as images; the classes come with every split.
+    d = datasets.multi_mnist("RL_RR", split, seed=seed, n_train=n_train, n_val=n_val,
                              n_test=n_test)
-    out[split] = Split(np.asarray(d.images, np.float32), tuple(np.asarray(t) for t in d.targets))
+    l, r = np.asarray(d.left_label), np.asarray(d.right_label)
+    targets = []
+    for name in names:
+      kind, target = TASKS[name.partition("*")[0]]
+      t = np.asarray(target(l, r, *d.targets))
+      targets.append(t.astype(np.int32) if kind in ("CL", "BC") else t)
+    out[split] = Split(np.asarray(d.images, np.float32), tuple(targets))
   return out
 
 
@@ -448,10 +503,9 @@ class Benchmark:
   def __init__(self, args):
     self.args = args
     self.task = args.tasks
-    self.kinds = models.TASK_KINDS[self.task]
+    self.names, self.kinds, self.loss_scales = task_spec(self.task)
     self.m = len(self.kinds)
     self.dirs = _task_metric_dirs(self.kinds)
-    self.names = TASK_NAMES[self.task]
     t0 = time.perf_counter()
     self.data = load_data(self.task, args.n_train, args.n_val, args.n_test, seed=args.data_seed)
     self.data_time = time.perf_counter() - t0
@@ -459,6 +513,9 @@ class Benchmark:
     self.results = {"methods": {}, "stl": {}}
     self.stl_val = None
     self.stl_test = None
+    # STL results by task code (no loss factor: a constant factor leaves a single-task
+    # optimum alone); benchmarks.interference shares one dict between its task sets.
+    self.stl_cache: dict = {}
     try:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       self._tqdm = tqdm
@@ -466,6 +523,10 @@ class Benchmark:
       self._tqdm = None
 
   # -- helpers ---------------------------------------------------------------
+
+  def model(self) -> models.MultiTaskModel:
+    return models.MultiTaskModel(tasks=self.kinds, encoder=self.args.encoder,
+                                 loss_scales=self.loss_scales)
 
   def _trainer(self, key, model, agg_fn, flat=False, weighted=True, needs=(),
                engine="task_grads", engine_kwargs=None):
@@ -511,8 +572,19 @@ class Benchmark:
 
   def run_stl(self):
     a = self.args
+    if getattr(a, "source", None) is not None:   # --from: the same protocol's baselines
+      self.results["stl"] = dict(a.source["stl"])
+      self.stl_val = np.array([np.mean(self.results["stl"][n]["val"]) for n in self.names])
+      self.stl_test = np.asarray(a.source["stl_test"], np.float64)
+      return
     vals, tests = [], []
     for i, kind in enumerate(self.kinds):
+      code = self.names[i].partition("*")[0]
+      if code in self.stl_cache:
+        self.results["stl"][self.names[i]] = entry = self.stl_cache[code]
+        vals.append(float(np.mean(entry["val"])))
+        tests.append(entry["test_mean"])
+        continue
       model = models.MultiTaskModel(tasks=(kind,), encoder=a.encoder)
       tr = self._trainer(("stl", kind), model, lambda: None, weighted=False)
       lower = self.dirs[i][1]
@@ -521,7 +593,7 @@ class Benchmark:
                                       a.lrs, a.seed_list)
       test = [r.best_test()[0] for r in runs]
       val = [r.best_val()[0] for r in runs]
-      self.results["stl"][self.names[i]] = {
+      self.results["stl"][self.names[i]] = self.stl_cache[code] = {
           "lr": lr, "lr_grid_val": grid, "test": test, "val": val,
           "test_mean": float(np.mean(test)), "test_std": float(np.std(test)),
           "seconds": float(sum(r.seconds for r in runs))}
@@ -560,7 +632,7 @@ class Benchmark:
 
   def run_method(self, name):
     a = self.args
-    model = models.make_model(self.task, encoder=a.encoder)
+    model = self.model()
     # Every method gets the loss function; build passes it only to those that declare it.
     build = lambda seed=0: registry.build(name, num_tasks=self.m, task_specific=heads_mask,
                                           loss_fn=batch_loss_fn(model), seed=seed)
@@ -580,7 +652,7 @@ class Benchmark:
     if self.m != 2:
       return None
     lr = self.results["methods"].get("mean", {}).get("lr", a.lrs[0])
-    model = models.make_model(self.task, encoder=a.encoder)
+    model = self.model()
     dev = self._data_dev(range(self.m))
     best = None
     grid = {}
@@ -612,9 +684,11 @@ class Benchmark:
     """Re-train with the EMA(β=0.9) of ``source``'s per-epoch mean weights, per seed."""
     a = self.args
     src = self.results["methods"].get(source)
+    if src is None and getattr(a, "source", None) is not None:
+      src = a.source["methods"].get(source)
     if src is None or not src.get("weighted", False):
       return None
-    model = models.make_model(self.task, encoder=a.encoder)
+    model = self.model()
     dev = self._data_dev(range(self.m))
     runs, used = [], []
     bar = self._pbar(a.epochs * len(a.seed_list), f"fixed({source})")
@@ -652,7 +726,9 @@ class Benchmark:
     if a.ls_grid:
       self.run_ls_tuned()
     for src in a.fixed_list:
-      if src in self.results["methods"] and "error" not in self.results["methods"][src]:
+      entry = (self.results["methods"].get(src)
+               or (getattr(a, "source", None) or {"methods": {}})["methods"][src])
+      if "error" not in entry:
         self.run_fixed_from(src)
     ok = {k: v for k, v in self.results["methods"].items() if "error" not in v}
     if len(ok) >= 2:
@@ -661,10 +737,12 @@ class Benchmark:
       for k, r in mr.items():
         self.results["methods"][k]["mean_rank"] = r
     self.results["config"] = {
-        k: v for k, v in vars(a).items() if k not in ("method_list", "fixed_list", "seed_list")}
+        k: v for k, v in vars(a).items()
+        if k not in ("method_list", "fixed_list", "seed_list", "source")}
     self.results["config"].update(
         methods=a.method_list, seeds=a.seed_list, fixed_from=a.fixed_list,
-        task_names=list(self.names), metric_names=[d[0] for d in self.dirs],
+        task_names=list(self.names), task_kinds=list(self.kinds),
+        metric_names=[d[0] for d in self.dirs],
         lower_is_better=[d[1] for d in self.dirs])
     self.results["env"] = {"jax": jax.__version__, "python": platform.python_version(),
                            "backend": jax.default_backend(),
@@ -785,7 +863,9 @@ def apply_quick_defaults(parser: argparse.ArgumentParser, args, quick: dict) -> 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--tasks", default="CL_RR", choices=sorted(models.TASK_KINDS))
+  p.add_argument("--tasks", default="CL_RR",
+                 help=f"a pair {sorted(TASK_NAMES)} or a comma list of task codes "
+                      f"{sorted(TASKS)}, each optionally '*factor' (a loss factor)")
   p.add_argument("--methods", default="mean,cagrad",
                  help="comma list; 'all' = every available method; 'flat' = the f_ variants "
                       "of " + ",".join(registry.FLAT_PAIRS) + "; 'pairs' = those and their "
@@ -813,6 +893,10 @@ def parse_args(argv=None):
                  help="split of the bilevel methods' val_batch= (default: the validation split, "
                       "which also selects lr and epoch; 'train': a second shuffle of the "
                       "training split, as Auto-Lambda's code)")
+  p.add_argument("--from", dest="from_file", default=None,
+                 help="a result file of the same protocol whose STL baselines and method "
+                      "entries are reused: with --methods '' --fixed-from A,B it re-trains only "
+                      "the fixed weights of A and B (merge the output into that file)")
   p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests/CI)")
   p.add_argument("--tag", default=None, help="suffix of the result files")
   p.add_argument("--out-dir", default=RESULTS_DIR)
@@ -825,11 +909,32 @@ def parse_args(argv=None):
   args.lrs = [float(x) for x in str(args.lrs).split(",") if x]
   args.ls_grid = [float(x) for x in str(args.ls_grid).split(",") if x]
   args.method_list = registry.resolve(args.methods)
-  args.fixed_list = [x for x in args.fixed_from.split(",") if x and x in args.method_list]
+  args.source = _source(args) if args.from_file else None
+  sources = set(args.method_list) | set(args.source["methods"] if args.source else ())
+  args.fixed_list = [x for x in args.fixed_from.split(",") if x and x in sources]
   args.seed_list = list(range(args.seeds))
+  task_spec(args.tasks)   # fails early on an unknown task code
   if args.tag is None:
     args.tag = ("quick" if args.quick else f"{args.encoder}_e{args.epochs}_s{args.seeds}")
   return args
+
+
+# The configuration a reused result file (--from) must share with the run.
+_PROTOCOL = ("tasks", "encoder", "epochs", "n_train", "n_val", "n_test", "batch_size",
+             "data_seed")
+
+
+def _source(args) -> dict:
+  """The ``--from`` result file, checked to follow the run's protocol."""
+  with open(args.from_file) as f:
+    src = json.load(f)
+  cfg = src["config"]
+  diff = [k for k in _PROTOCOL if cfg.get(k) != getattr(args, k)]
+  if cfg.get("seeds") != list(range(args.seeds)):
+    diff.append("seeds")
+  if diff:
+    raise ValueError(f"--from {args.from_file}: different {', '.join(diff)} than this run")
+  return src
 
 
 def merge(paths, out_stem):
@@ -863,7 +968,8 @@ def merge(paths, out_stem):
   table = {k: {names[i]: v["test_mean"][i] for i in range(len(names))} for k, v in ok.items()}
   for k, r in metrics.mean_rank(table, {names[i]: dirs[i][1] for i in range(len(names))}).items():
     res["methods"][k]["mean_rank"] = r
-  res["merged_from"] = list(paths)
+  # Provenance: a file that is itself a merge keeps its sources.
+  res["merged_from"] = list(parts[0].get("merged_from", paths[:1])) + list(paths[1:])
   with open(out_stem + ".json", "w") as f:
     json.dump(res, f, indent=1)
   plot(res, out_stem + ".png")
@@ -885,7 +991,8 @@ def main(argv=None):
   print(table)
   print(f"[{results['total_seconds']:.0f} s total]")
   os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(args.out_dir, f"multimnist_{args.tasks}_{args.tag}")
+  tasks = args.tasks.replace(",", "-").replace("*", "x")
+  stem = os.path.join(args.out_dir, f"multimnist_{tasks}_{args.tag}")
   with open(stem + ".json", "w") as f:
     json.dump(results, f, indent=1)
   if not args.no_plot:

@@ -100,6 +100,11 @@ REGISTRY: dict[str, Spec] = {
     # MGDA on the gradients w.r.t. the shared representation (Sener & Koltun's MGDA-UB), with
     # the harness MGDA's settings (no normalisation) so that only the gradients differ.
     "mgda_ub": _s("mgda", "MGDA-UB", engine="representation"),
+    # ... with the representation gradients normalised before the min-norm solve (LibMTL's
+    # mgda_gn "l2" and "loss+"; Sener & Koltun's code offers the same choices).
+    "mgda_ub_l2": _s("mgda", "MGDA-UB (l2)", engine="representation", normalization="l2"),
+    "mgda_ub_loss_plus": _s("mgda", "MGDA-UB (loss+)", engine="representation",
+                            normalization="loss+"),
     "pcgrad": _s("pcgrad", "PCGrad"),
     "gradvac": _s("gradvac", "GradVac"),
     "graddrop": _s("graddrop", "GradDrop"),

@@ -202,6 +202,25 @@ def fixed_table(res):
   return "\n".join(lines) if n else ""
 
 
+def similar_tasks_table(res) -> str:
+  """Gama & Grassi's CL_CR / RL_RR claim, per method: the paired gap to uniform loss and how
+  far the task weights stray from uniform (w₁ / (w₁ + w₂) over the epochs and seeds)."""
+  lines = ["| method | Δm% (± std) | gap to uniform (paired) | seeds > 0 | "
+           "w₁/(w₁+w₂): mean (min–max over epochs) |", "|---|---|---|---|---|"]
+  base = np.asarray(res["methods"]["mean"]["delta_m"])
+  rows = [(k, v) for k, v in res["methods"].items() if "error" not in v]
+  for k, v in sorted(rows, key=lambda kv: -kv[1]["delta_m_mean"]):
+    d = np.asarray(v["delta_m"]) - base
+    share = "–"
+    w = np.abs(np.asarray(v["weights"], np.float64))   # (seeds, epochs, 2)
+    if v.get("weighted") and k != "mean" and w.size and np.all(w.sum(-1) > 0):
+      r = w[..., 0] / w.sum(-1)
+      share = f"{r.mean():.3f} ({r.min():.3f}–{r.max():.3f})"
+    lines.append(f"| {v['label']} | {v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | "
+                 f"{d.mean():+.2f} ± {d.std():.2f} | {(d > 0).sum()}/{len(d)} | {share} |")
+  return "\n".join(lines)
+
+
 def toy_table(res):
   """Final (L1, L2) per start, ✓ within the distance tolerance of the Pareto set; max Pareto
   stationarity (min-norm element of the gradients' convex hull) over the starts."""
@@ -231,6 +250,12 @@ def main(argv=None):
   p.add_argument("--gg", nargs="*", default=[f("multimnist_CL_RR_gg16_mlp.json"),
                                             f("multimnist_CL_RR_gg16_lenet.json")],
                  help="CL_RR result files (one per encoder) ranked against G&G's 16 methods")
+  p.add_argument("--similar", nargs="*",
+                 default=[f("multimnist_CL_CR_gg16_lenet_n5000.json"),
+                          f("multimnist_RL_RR_gg16_lenet_n5000.json")],
+                 help="CL_CR / RL_RR files of the 16 methods (Gama & Grassi's similar tasks)")
+  p.add_argument("--interference", default=f("interference_mlp_e8_s3.json"),
+                 help="summary of python -m benchmarks.interference")
   a = p.parse_args(argv)
   toy = _load(a.toy)
   if toy:
@@ -246,6 +271,26 @@ def main(argv=None):
           f"({os.path.basename(path)})\n")
     print(table)
     print(f"\nSpearman ρ of the Δm% rankings over the {n} methods: {rho:.3f}\n")
+    fixed = fixed_table(res)
+    if fixed:
+      print(fixed)
+      print()
+  for path in a.similar:
+    res = _load(path)
+    if not res:
+      continue
+    print(f"### {res['config']['tasks']}, {res['config']['encoder']} encoder, Gama & Grassi's "
+          f"methods ({os.path.basename(path)})\n")
+    print(method_table(res)[0])
+    print()
+    print(similar_tasks_table(res))
+    print()
+  summary = _load(a.interference)
+  if summary:
+    from benchmarks import interference  # pylint: disable=g-import-not-at-top
+    print(f"### Interference vs gap ({os.path.basename(a.interference)})\n")
+    print(interference.format_report(summary))
+    print()
   gradient_methods = ("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "fairgrad", "edm", "cdtt",
                       "famo", "upgrad", "aligned_mtl", "config")
   for title, path in (("CL_RR", a.clrr), ("CL_CR", a.clcr_full), ("RL_RR", a.rlrr)):
