@@ -120,12 +120,17 @@ def _weight_spread(weights) -> float:
   return float(np.nanmean(0.5 * np.abs(w - 1.0 / w.shape[-1]).sum(-1)))
 
 
+def _mean_cosine(entry: dict) -> float:
+  """Gama & Grassi's measure of a method's runs: mean over seeds of the per-epoch means."""
+  return float(np.mean([np.mean(x) for x in entry["interference"]]))
+
+
 def summarize_set(res: dict) -> dict:
   """Interference, paired gaps to uniform loss and weight spreads of one set's results."""
   methods = res["methods"]
   ref = methods["mean"]
   ref_dm = np.asarray(ref["delta_m"], np.float64)
-  cos = float(np.mean([np.mean(x) for x in ref["interference"]]))
+  cos = _mean_cosine(ref)
   rows = {}
   for name, v in methods.items():
     if name == "mean" or "error" in v:
@@ -134,7 +139,7 @@ def summarize_set(res: dict) -> dict:
     row = {"label": v["label"], "delta_m": float(np.mean(v["delta_m"])),
            "gap": float(gap.mean()), "gap_std": float(gap.std()),
            "gap_seeds": gap.tolist(),
-           "own_interference": float(1.0 - np.mean([np.mean(x) for x in v["interference"]]))}
+           "own_interference": 1.0 - _mean_cosine(v)}
     if v.get("weighted"):
       row["weight_spread"] = _weight_spread(v["weights"])
     if "fixed_weights" in v:

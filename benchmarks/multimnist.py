@@ -524,6 +524,12 @@ class Benchmark:
 
   # -- helpers ---------------------------------------------------------------
 
+  def entry(self, name: str) -> Optional[dict]:
+    """``name``'s result: from this run, else from the ``--from`` file (None if neither)."""
+    if name in self.results["methods"] or self.args.source is None:
+      return self.results["methods"].get(name)
+    return self.args.source["methods"].get(name)
+
   def model(self) -> models.MultiTaskModel:
     return models.MultiTaskModel(tasks=self.kinds, encoder=self.args.encoder,
                                  loss_scales=self.loss_scales)
@@ -572,7 +578,7 @@ class Benchmark:
 
   def run_stl(self):
     a = self.args
-    if getattr(a, "source", None) is not None:   # --from: the same protocol's baselines
+    if a.source is not None:   # --from: the same protocol's baselines
       self.results["stl"] = dict(a.source["stl"])
       self.stl_val = np.array([np.mean(self.results["stl"][n]["val"]) for n in self.names])
       self.stl_test = np.asarray(a.source["stl_test"], np.float64)
@@ -683,10 +689,8 @@ class Benchmark:
   def run_fixed_from(self, source):
     """Re-train with the EMA(β=0.9) of ``source``'s per-epoch mean weights, per seed."""
     a = self.args
-    src = self.results["methods"].get(source)
-    if src is None and getattr(a, "source", None) is not None:
-      src = a.source["methods"].get(source)
-    if src is None or not src.get("weighted", False):
+    src = self.entry(source)
+    if src is None or "error" in src or not src.get("weighted", False):
       return None
     model = self.model()
     dev = self._data_dev(range(self.m))
@@ -726,10 +730,7 @@ class Benchmark:
     if a.ls_grid:
       self.run_ls_tuned()
     for src in a.fixed_list:
-      entry = (self.results["methods"].get(src)
-               or (getattr(a, "source", None) or {"methods": {}})["methods"][src])
-      if "error" not in entry:
-        self.run_fixed_from(src)
+      self.run_fixed_from(src)
     ok = {k: v for k, v in self.results["methods"].items() if "error" not in v}
     if len(ok) >= 2:
       table = {k: {self.names[i]: v["test_mean"][i] for i in range(self.m)} for k, v in ok.items()}

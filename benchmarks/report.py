@@ -207,17 +207,17 @@ def similar_tasks_table(res) -> str:
   far the task weights stray from uniform (w₁ / (w₁ + w₂) over the epochs and seeds)."""
   lines = ["| method | Δm% (± std) | gap to uniform (paired) | seeds > 0 | "
            "w₁/(w₁+w₂): mean (min–max over epochs) |", "|---|---|---|---|---|"]
-  base = np.asarray(res["methods"]["mean"]["delta_m"])
-  rows = [(k, v) for k, v in res["methods"].items() if "error" not in v]
-  for k, v in sorted(rows, key=lambda kv: -kv[1]["delta_m_mean"]):
-    d = np.asarray(v["delta_m"]) - base
+  order = sorted((k for k, v in res["methods"].items() if "error" not in v),
+                 key=lambda k: -res["methods"][k]["delta_m_mean"])
+  for k, label, gap, gap_std, pos, n in gaps(res, order):
+    v = res["methods"][k]
     share = "–"
     w = np.abs(np.asarray(v["weights"], np.float64))   # (seeds, epochs, 2)
     if v.get("weighted") and k != "mean" and w.size and np.all(w.sum(-1) > 0):
       r = w[..., 0] / w.sum(-1)
       share = f"{r.mean():.3f} ({r.min():.3f}–{r.max():.3f})"
-    lines.append(f"| {v['label']} | {v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | "
-                 f"{d.mean():+.2f} ± {d.std():.2f} | {(d > 0).sum()}/{len(d)} | {share} |")
+    lines.append(f"| {label} | {v['delta_m_mean']:.2f} ± {v['delta_m_std']:.2f} | "
+                 f"{gap:+.2f} ± {gap_std:.2f} | {pos}/{n} | {share} |")
   return "\n".join(lines)
 
 

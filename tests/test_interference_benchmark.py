@@ -154,3 +154,24 @@ def test_report_writes_the_summary_and_the_figure(tmp_path):
   assert (tmp_path / "interference_t.json").exists() and (tmp_path / "interference_t.png").exists()
   # A second report ignores its own summary file.
   assert set(interference.report("t", str(tmp_path), plot_png=False)["sets"]) == {"a", "b", "c"}
+
+
+def test_new_heads_and_loss_factors_on_a_batch_norm_encoder():
+  """The task codes' heads and factors on the BatchNorm ResNet: the training losses are
+  scaled, the statistics move once per step, evaluation uses the running averages."""
+  kinds, scales = ("BC", "SR"), (1.0, 0.1)
+  plain = models.MultiTaskModel(tasks=kinds, encoder="resnet_small")
+  scaled = models.MultiTaskModel(tasks=kinds, encoder="resnet_small", loss_scales=scales)
+  params, state = plain.init_state(jax.random.key(0))
+  assert set(state) == {"batch_stats"}
+  rng = np.random.default_rng(1)
+  batch = {"images": jnp.asarray(rng.uniform(size=(4, 36, 36, 1)), jnp.float32),
+           "targets": (jnp.asarray([0, 1, 1, 0]), jnp.asarray([3.0, 9.0, 12.0, 0.0]))}
+  losses, new_state = jax.jit(scaled.stateful_task_losses)(params, state, batch)
+  want, want_state = jax.jit(plain.stateful_task_losses)(params, state, batch)
+  np.testing.assert_allclose(losses, np.asarray(want) * scales, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, new_state, want_state)   # factors leave them
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.any(a != b), new_state, state))
+  assert any(moved)   # training mode updated the running statistics
+  np.testing.assert_array_equal(scaled.task_metrics(params, batch, new_state),
+                                plain.task_metrics(params, batch, new_state))
