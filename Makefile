@@ -24,13 +24,16 @@ venv: $(STAMP)
 demo: venv
 	$(PY) -m benchmarks.demo
 
+# jemalloc (tools/jemalloc.sh) where available: XLA's compiler allocates heavily.
+PRELOAD = LD_PRELOAD="$$(bash tools/jemalloc.sh)$${LD_PRELOAD:+ $$LD_PRELOAD}"
+
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PRELOAD) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Every sweep in full (all task counts, every method in the checkpoint sweep, every
 # method on the 8-device mesh): what `make test` reduces, see tests/registry.py.
 test-all: venv
-	MTL_OPTAX_FULL_TESTS=1 MTL_OPTAX_SHARDING_ALL=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	MTL_OPTAX_FULL_TESTS=1 MTL_OPTAX_SHARDING_ALL=1 $(PRELOAD) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The extras of the checks below (one install for all four), once per pyproject.toml version.
 $(CHECKS_STAMP): $(STAMP)

@@ -15,6 +15,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.resources import release_if_many_mappings  # noqa: E402
+
 # One compilation cache per test run, shared by the pytest-xdist workers: many
 # tests compile the same small programs (the same method at the same shapes in
 # several files), and the per-module cache release below would otherwise
@@ -54,14 +56,6 @@ def x64():
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Frees every compiled executable after each test module.
-
-  XLA:CPU maps memory for each executable it JITs; a whole-suite worker
-  process otherwise accumulates tens of thousands of mappings and hits the
-  kernel's vm.max_map_count (65 530 by default), where compilation aborts or
-  segfaults (seen as "worker crashed" under pytest-xdist).
-  """
+  """Keeps each worker under the kernel's limit on memory mappings (tests/resources.py)."""
   yield
-  import gc  # pylint: disable=g-import-not-at-top
-  jax.clear_caches()
-  gc.collect()
+  release_if_many_mappings()

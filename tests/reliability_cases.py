@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 import mtl_optax as mo
 from tests.registry import ENTRIES, FULL_TESTS
+from tests.resources import release_if_many_mappings
 
 N = 6
 # `make test`: one small, one odd and one large m per method (m = 1 has its own
@@ -49,12 +50,12 @@ def compiled(name, m, dtype_name):
 
 @pytest.fixture
 def release_compiled_programs():
-  """Each test compiles up to six programs that no other test reuses: free them
-  (see tests/conftest.py; the reliability suite alone would otherwise hold
-  ~400). Test modules use it with ``pytest.mark.usefixtures``."""
+  """Each test compiles up to six programs that no other test reuses: they are
+  freed when the worker holds many (tests/resources.py). Test modules use it
+  with ``pytest.mark.usefixtures``."""
   yield
-  compiled.cache_clear()
-  jax.clear_caches()
+  if release_if_many_mappings():
+    compiled.cache_clear()
 
 
 @st.composite

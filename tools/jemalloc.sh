@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Print the path of jemalloc's shared library for LD_PRELOAD (nothing if there is none).
+#
+# The test suite spends most of its CPU time in XLA:CPU compiling small programs, whose
+# MLIR/LLVM passes allocate heavily; with jemalloc instead of glibc's malloc two test files
+# ran ~10 % faster (README, "Tests"). On Debian/Ubuntu as root the library is installed
+# (package libjemalloc2) when missing; elsewhere the suite runs with the system malloc.
+# MTL_OPTAX_JEMALLOC=0 turns it off.
+set -u
+[ "${MTL_OPTAX_JEMALLOC:-1}" = "0" ] && exit 0
+[ "$(uname -s)" = "Linux" ] || exit 0
+find_lib() {
+  { ldconfig -p 2>/dev/null | awk '/libjemalloc\.so\.2 /{print $NF; exit}'; } ||
+    true
+}
+lib=$(find_lib)
+if [ -z "$lib" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get install -y -q --no-install-recommends libjemalloc2 ||
+      { apt-get update -q && apt-get install -y -q --no-install-recommends libjemalloc2; }; } \
+    >/dev/null 2>&1 || true
+  lib=$(find_lib)
+fi
+[ -n "$lib" ] && [ -r "$lib" ] && echo "$lib"
+exit 0
