@@ -3,8 +3,8 @@
 #
 # The test suite spends most of its CPU time in XLA:CPU compiling small programs, whose
 # MLIR/LLVM passes allocate heavily; with jemalloc instead of glibc's malloc two test files
-# ran ~10 % faster (measured in the CHANGELOG's entry). On Debian/Ubuntu as root the library is installed
-# (package libjemalloc2) when missing; elsewhere the suite runs with the system malloc.
+# (reliability_float64, qp_methods) ran ~10 % faster. On Debian/Ubuntu as root the library
+# is installed (package libjemalloc2) when missing; elsewhere the system malloc is used.
 # MTL_OPTAX_JEMALLOC=0 turns it off.
 set -u
 [ "${MTL_OPTAX_JEMALLOC:-1}" = "0" ] && exit 0
