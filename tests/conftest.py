@@ -19,8 +19,8 @@ from tests.resources import release_if_many_mappings  # noqa: E402
 
 # One compilation cache per test run, shared by the pytest-xdist workers: many
 # tests compile the same small programs (the same method at the same shapes in
-# several files), and the per-module cache release below would otherwise
-# recompile them. Keyed by the run, so every run starts cold (a fresh clone's
+# several files, and again after a worker frees its programs, see
+# tests/resources.py). Keyed by the run, so every run starts cold (a fresh clone's
 # time is what we report) and nothing leaks between runs.
 if os.environ.get("MTL_OPTAX_TEST_CACHE", "1") == "1":
   import tempfile  # pylint: disable=g-import-not-at-top
