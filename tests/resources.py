@@ -15,7 +15,7 @@ def _map_limit() -> int:
 _MAP_BUDGET = _map_limit() // 2
 
 
-def release_if_many_mappings(force: bool = False) -> bool:
+def release_if_many_mappings() -> bool:
   """Frees every compiled executable when this process maps many memory regions.
 
   XLA:CPU maps memory for each executable it JITs; a whole-suite worker
@@ -26,12 +26,10 @@ def release_if_many_mappings(force: bool = False) -> bool:
   """
   try:
     with open("/proc/self/maps", "rb") as f:
-      mappings = sum(1 for _ in f)
+      if sum(1 for _ in f) < _MAP_BUDGET:
+        return False
   except OSError:
-    force = True
-    mappings = 0
-  if not force and mappings < _MAP_BUDGET:
-    return False
+    pass
   import gc  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top

@@ -9,10 +9,7 @@
 set -u
 [ "${MTL_OPTAX_JEMALLOC:-1}" = "0" ] && exit 0
 [ "$(uname -s)" = "Linux" ] || exit 0
-find_lib() {
-  { ldconfig -p 2>/dev/null | awk '/libjemalloc\.so\.2 /{print $NF; exit}'; } ||
-    true
-}
+find_lib() { ldconfig -p 2>/dev/null | awk '/libjemalloc\.so\.2 /{print $NF; exit}'; }
 lib=$(find_lib)
 if [ -z "$lib" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   { apt-get install -y -q --no-install-recommends libjemalloc2 ||
