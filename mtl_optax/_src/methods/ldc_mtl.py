@@ -37,7 +37,10 @@ def ldc_mtl_objective_grads(sigma: Array, norm_losses: Array, lamb: float
   (sg: no gradient). Returns ``(∂F/∂L̃, ∂F/∂σ)``; sign(0) = 0 as in autograd.
   """
   u = sigma * norm_losses
-  s = jnp.sign(u[:-1] - u[1:])
+  # Compared, not subtracted: with ratio normalisation every L̃_i is equal at the
+  # first step, and XLA:CPU may fuse σ_i L̃_i − σ_{i+1} L̃_{i+1} into a fused
+  # multiply-add whose result is the round-off of one product (±1e-16), not 0.
+  s = ((u[:-1] > u[1:]).astype(u.dtype) - (u[:-1] < u[1:]).astype(u.dtype))
   # ∂/∂u_i Σ|u_k − u_{k+1}| = s_i − s_{i−1} (s_m = s_0 = 0 at the ends).
   du = lamb * (jnp.concatenate([s, jnp.zeros((1,), u.dtype)])
                - jnp.concatenate([jnp.zeros((1,), u.dtype), s]))
