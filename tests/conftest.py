@@ -12,6 +12,26 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
+
+def _jaxlib_version() -> tuple:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+  except (metadata.PackageNotFoundError, ValueError):
+    return (0, 0)
+
+
+# XLA:CPU's previous code generator (elemental IR emitters, the default up to jax
+# 0.6) compiles each kernel about twice as fast as the MLIR fusion emitters that
+# jax 0.7 made the default, and the suite is mostly compilation of thousands of
+# small distinct programs. jax 0.7–0.10 can still select it; 0.11 removed the
+# flag (an unknown flag aborts the process), so `make test` pins jax 0.10.2
+# (tools/test_constraints.txt) and `make test-newest` / `make test-all` run on
+# the newest jax with its default emitters.
+if ((0, 7) <= _jaxlib_version() < (0, 11)
+    and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
