@@ -35,7 +35,7 @@ HEADS_WEIGHTED = {"mean"}
 # (adaptive, partition) cases: all four for the cheap closed-form methods; the two
 # "diagonal" ones for the solver-based methods (each still sees adaptive on and off,
 # with and without a partition); Nash-MTL only the full case. This keeps the file
-# under a minute of CPU (eager while-loops recompile at every call). The offsets and
+# short (each case traces and compiles its own flat step). The offsets and
 # SAM gradients themselves are checked against Algorithm 1 for all four cases in
 # test_sharpness.py.
 ALL_CASES = [(False, False), (False, True), (True, False), (True, True)]

@@ -148,3 +148,49 @@ def test_bfloat16_gradients_use_float32_gram():
   assert mo.diagnostics(state)["gram"].dtype == jnp.float32
   d32, _ = P.aggregate(mo.mgda(), j.astype(np.float32))
   np.testing.assert_allclose(d, d32, rtol=5e-2, atol=5e-2)
+
+
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+# One per place with a loop or branch traced at each call: the base step's lax.cond,
+# the active-set QP, Frank–Wolfe, and the methods' own loops.
+_EAGER_CASES = {
+    "mean": lambda: mo.mean(),
+    "mgda": lambda: mo.mgda(),
+    "cagrad": lambda: mo.cagrad(num_tasks=3),
+    "conicgrad": lambda: mo.conicgrad(num_tasks=3),
+    "pcgrad": lambda: mo.pcgrad(),
+    "gradvac": lambda: mo.gradvac(num_tasks=3),
+    "cdtt": lambda: mo.cdtt(num_tasks=3),
+    "rlw_bernoulli": lambda: mo.random_loss_weighting("bernoulli"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EAGER_CASES))
+def test_eager_updates_compile_at_the_first_call_only(name):
+  """Outside jit, the second and third updates lower no program (nothing is recompiled).
+
+  Loops and branches built from closures at each call (lax.cond, while_loop,
+  fori_loop) would be traced, lowered and compiled again at every eager step;
+  the library keeps them in jitted functions, compiled once per shapes.
+  """
+  lowered = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == _LOWERING_EVENT:
+      lowered.append(event)
+
+  tx = _EAGER_CASES[name]()
+  params = params_like(stacked())
+  state = tx.init(params)
+  losses = jnp.asarray([1.0, 2.0, 0.5])
+  upd, state = tx.update(stacked(seed=0), state, params, losses=losses)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for seed in (1, 2):
+      upd, state = tx.update(stacked(seed=seed), state, params, losses=losses)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert np.all(np.isfinite(np.asarray(upd["trunk"]["w"])))
+  assert not lowered, f"{name}: eager updates lowered {len(lowered)} programs after the first"

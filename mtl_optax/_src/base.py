@@ -24,6 +24,7 @@ shared update directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
@@ -254,28 +255,34 @@ _FAST_MIN_SQ_NORM = 2.0 ** -40
 _FAST_MAX_SQ_NORM = 2.0 ** 100
 
 
-def _gram_and_finite(gram, shared_fn, heads_finite, m):
+@functools.partial(jax.jit, static_argnums=(1,))
+def _gram_and_finite(jac, shared_idx: tuple, heads_finite):
   """Per-row-scaled Gram pair and per-task finiteness, in one pass in the common case.
 
-  ``gram`` is the plain Gram matrix G = JJᵀ of the shared leaves and
-  ``shared_fn()`` returns those leaves (called only on the rare exact path, so a
-  factored Jacobian is not materialised otherwise). When G's diagonal is finite
-  and every ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every task row is finite (a
-  NaN or inf entry makes ‖g_i‖² non-finite), no product or sum over- or
-  underflows beyond round-off (underflowed products total < P·2⁻¹²⁶ ≪
-  eps·2⁻⁴⁰), and the per-row-scaled pair follows exactly from G: s_i = the power
-  of two nearest ‖g_i‖, R = diag(1/s) G diag(1/s). Otherwise (non-finite
-  entries; gradients beyond ~1e±12 ... 1e15; a zero ‖g_i‖², which is either a
-  zero row or a row of ~1e-23 whose squares underflowed in float32 and cannot
-  be told apart from G alone) the exact path runs instead
-  (``lax.cond``: one branch executes): per-task finiteness, non-finite rows
-  zeroed, rows divided by powers of two near their largest entry before the
-  products. The common case thus reads the gradients once, not four times
+  G = JJᵀ is the plain Gram matrix of the shared leaves ``shared_idx`` of ``jac`` (a
+  stacked or factored Jacobian); the rows themselves are read again only on the rare
+  exact path (so a factored Jacobian is not materialised otherwise). When G's
+  diagonal is finite and every ‖g_i‖² lies in [2⁻⁴⁰, 2¹⁰⁰], every task row is finite
+  (a NaN or inf entry makes ‖g_i‖² non-finite), no product or sum over- or
+  underflows beyond round-off (underflowed products total < P·2⁻¹²⁶ ≪ eps·2⁻⁴⁰), and
+  the per-row-scaled pair follows exactly from G: s_i = the power of two nearest
+  ‖g_i‖, R = diag(1/s) G diag(1/s). Otherwise (non-finite entries; gradients beyond
+  ~1e±12 ... 1e15; a zero ‖g_i‖², which is either a zero row or a row of ~1e-23
+  whose squares underflowed in float32 and cannot be told apart from G alone) the
+  exact path runs instead (``lax.cond``: one branch executes): per-task finiteness,
+  non-finite rows zeroed, rows divided by powers of two near their largest entry
+  before the products. The common case thus reads the gradients once, not four times
   (finiteness, zeroing, row maxima, Gram).
 
   Returns ``(row_gram, row_scales, finite)``; ``finite`` is also and-ed with
   ``heads_finite`` (the task-specific leaves and the losses).
+
+  Jitted so that an update run outside ``jax.jit`` compiles this step once per
+  shapes: traced afresh at every call, its ``lax.cond`` (whose branches are
+  closures) would be compiled again at every eager step.
   """
+  m = heads_finite.shape[0]
+  gram = jac.gram(shared_idx)
   diag = jnp.diagonal(gram)
   in_range = (diag >= _FAST_MIN_SQ_NORM) & (diag <= _FAST_MAX_SQ_NORM)
   fast = jnp.all(jnp.isfinite(diag) & in_range)
@@ -286,7 +293,7 @@ def _gram_and_finite(gram, shared_fn, heads_finite, m):
     return gram * inv[:, None] * inv[None, :], scales.astype(gram.dtype), jnp.ones((m,), bool)
 
   def exact(_):
-    shared = shared_fn()
+    shared = [jac.leaf(i) for i in shared_idx]
     finite = jacobian_lib.rows_finite(shared, m)
     clean = [jacobian_lib.zero_rows(l, finite) for l in shared]
     scales = linalg.power_of_two_scale(linalg.rows_max_abs(clean))
@@ -405,8 +412,7 @@ def make_aggregator(
     heads_finite = jac.task_finite(head_idx)
     if losses is not None:
       heads_finite = heads_finite & jnp.isfinite(losses)
-    row_gram, row_scales, finite = _gram_and_finite(
-        jac.gram(shared_idx), lambda: [jac.leaf(i) for i in shared_idx], heads_finite, m)
+    row_gram, row_scales, finite = _gram_and_finite(jac, tuple(shared_idx), heads_finite)
     n_bad = jnp.sum(~finite).astype(jnp.int32)
     if nonfinite == "zero_task":
       # The method runs on the finite tasks only. (With "skip" the whole step

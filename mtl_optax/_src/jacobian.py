@@ -33,12 +33,20 @@ class Site(NamedTuple):
   w_shape: tuple
 
 
+@jax.tree_util.register_pytree_node_class
 class StackedJacobian:
   """The interface of :class:`FactoredJacobian` over a stacked gradient pytree."""
 
   def __init__(self, grads: PyTree):
     self.stacked, self.treedef = jax.tree_util.tree_flatten(grads)
     self.shapes = grads
+
+  def tree_flatten(self):
+    return (self.stacked,), self.treedef
+
+  @classmethod
+  def tree_unflatten(cls, treedef, children):
+    return cls(jax.tree_util.tree_unflatten(treedef, children[0]))
 
   def leaf(self, l: int) -> Array:
     return self.stacked[l]

@@ -254,6 +254,8 @@ def multiplier_tol(dtype) -> float:
   return min(1e-9, 10 * float(jnp.finfo(dtype).eps))
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("max_iters", "tol", "ridge"))
 def simplex_qp(quad: Array, lin: Array | None = None, max_iters: int | None = None,
                tol: float | None = None, ridge: float | None = None) -> SolverResult:
   """Exact solution of a small QP over the probability simplex, inside jit.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from mtl_optax._src import base
@@ -45,6 +47,8 @@ def _polish_on_support(gram, gb, k, w):
   return jnp.where(ok & better, cand, w)
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("c", "max_iters", "tol"))
 def cagrad_dual(gram: jnp.ndarray, c: float, max_iters: int = 250, tol: float = 1e-7):
   """Solves CAGrad's dual over the simplex.
 

@@ -29,6 +29,8 @@ def tension(parametrization: Array, alpha: float) -> Array:
   return jnp.maximum(alpha * jax.nn.sigmoid(math.e * (parametrization - 1.0)) + 1.0 - alpha, 0.0)
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@jax.jit
 def direction_check(gram: Array, w: Array):
   """Makes v = Jᵀw non-conflicting with each task in turn (CDTT's angle check).
 

@@ -5,6 +5,7 @@ Hassanpour et al., 2025.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -60,6 +61,9 @@ def _rim_dual(gram, lin, k, max_iters, tol, line_search_iters):
   return linalg.SolverResult(w, jnp.maximum(gap, 0.0), iterations)
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("c", "max_iters", "tol", "line_search_iters",
+                                             "smoothing"))
 def conicgrad_direction(gram, c: float, max_iters: int = 250, tol: float = 1e-7,
                         line_search_iters: int = 50, smoothing: float = 1e-4):
   """Coefficients α of ConicGrad's direction d̂ = Jᵀα (see :func:`conicgrad`), from G.

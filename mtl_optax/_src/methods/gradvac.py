@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
@@ -22,6 +23,8 @@ class GradVacState(NamedTuple):
   key: jax.Array
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("beta",))
 def gradvac_coefficients(gram: jax.Array, targets: jax.Array, orders: jax.Array,
                          beta: float):
   """One GradVac pass over the tasks in Gram form.

@@ -11,6 +11,8 @@ from mtl_optax._src import base
 from mtl_optax._src import linalg
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@jax.jit
 def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   """PCGrad in Gram form: the weights w with d = Jᵀw.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -13,6 +14,8 @@ DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_ber
 SUM_TO = ("one", "num_tasks")
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("m", "distribution", "concentration", "dtype"))
 def draw_weights(key: jax.Array, m: int, distribution: str, concentration: float = 1.0,
                  dtype=jnp.float32) -> jax.Array:
   """One draw of RLW weights on the simplex (Σ w = 1) from ``key``.

@@ -17,6 +17,7 @@ the batches are independent.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -146,6 +147,8 @@ class SDMGradState(NamedTuple):
   w: jax.Array
 
 
+# Jitted: an eager update compiles this loop once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("lam", "niter", "lr", "momentum"))
 def sdmgrad_inner_weights(gram: jax.Array, w0: jax.Array, lam: float, niter: int,
                           lr: float = 5.0, momentum: float = 0.5) -> jax.Array:
   """SDMGrad's projected heavy-ball iterations on the simplex.
