@@ -40,6 +40,37 @@ import pytest  # noqa: E402
 
 from tests.resources import release_if_many_mappings  # noqa: E402
 
+
+def _reuse_mlir_contexts(uses: int = 10):
+  """Lowers up to ``uses`` programs in one MLIR context per thread, as jax ≥ 0.11 does.
+
+  jax 0.10 builds a new MLIR context for every lowering, and loading its dialects
+  takes ~2–5 ms: in a py-spy profile of `make test`, 10 % of the samples, over the
+  thousands of small programs (and op-by-op primitives) the suite lowers. Newer jax (``_create_ir_context``
+  and a thread-local context in ``jax._src.interpreters.mlir``) reuses each
+  context for 10 lowerings, bounding what the interned types and attributes
+  hold; this is that policy, for `make test`'s pinned jax. The lowered modules
+  are the same: only the context that owns them is shared.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+  if hasattr(mlir, "_create_ir_context") or not hasattr(mlir, "make_ir_context"):
+    return   # jax reuses its contexts itself, or lowers differently
+  create = mlir.make_ir_context
+  local = threading.local()
+
+  def make_ir_context():
+    context, count = getattr(local, "value", (None, uses))
+    if count >= uses:
+      context, count = create(), 0
+    local.value = (context, count + 1)
+    return context
+
+  mlir.make_ir_context = make_ir_context
+
+
+_reuse_mlir_contexts()
+
 # One compilation cache per test run, shared by the pytest-xdist workers: many
 # tests compile the same small programs (the same method at the same shapes in
 # several files, and again after a worker frees its programs, see
