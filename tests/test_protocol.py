@@ -157,6 +157,7 @@ _LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _EAGER_CASES = {
     "mean": lambda: mo.mean(),
     "mgda": lambda: mo.mgda(),
+    "nash_mtl_every_2": lambda: mo.nash_mtl(update_weights_every=2, num_tasks=3),
     "cagrad": lambda: mo.cagrad(num_tasks=3),
     "conicgrad": lambda: mo.conicgrad(num_tasks=3),
     "pcgrad": lambda: mo.pcgrad(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -22,6 +23,21 @@ def _row_units(w, log2_row_scales):
   pos = w > 0
   return jnp.where(pos, jnp.exp2(jnp.where(pos, jnp.log2(jnp.where(pos, w, 1.0)), 0.0)
                                  + log2_row_scales), 0.0)
+
+
+def _solve(gram, log2_s, prev, optim_niter, tol):
+  sol = linalg.nash_system(gram, 1.0, log2_row_scales=log2_s, w0=prev,
+                           max_iters=optim_niter, tol=tol)
+  return sol.x, sol.residual, sol.iterations
+
+
+# Jitted: an eager update compiles this branch once (see base._gram_and_finite).
+@functools.partial(jax.jit, static_argnames=("optim_niter", "tol"))
+def _solve_or_reuse(update, gram, log2_s, prev, optim_niter, tol):
+  """The bargaining solution when ``update``, else ``prev`` (one branch executes)."""
+  return jax.lax.cond(
+      update, lambda: _solve(gram, log2_s, prev, optim_niter, tol),
+      lambda: (prev, nash_residual(prev, gram, log2_s), jnp.zeros((), jnp.int32)))
 
 
 def nash_residual(w, row_gram, log2_row_scales):
@@ -109,19 +125,11 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
     log2_s = jnp.log2(view.row_scales).astype(dtype)
     prev = inner.weights.astype(dtype)
 
-    def solve(_):
-      sol = linalg.nash_system(gram, 1.0, log2_row_scales=log2_s, w0=prev,
-                               max_iters=optim_niter, tol=tol)
-      return sol.x, sol.residual, sol.iterations
-
-    def reuse(_):
-      return prev, nash_residual(prev, gram, log2_s), jnp.zeros((), jnp.int32)
-
     update = (inner.step % update_weights_every) == 0
     if update_weights_every == 1:
-      w, residual, iterations = solve(None)
+      w, residual, iterations = _solve(gram, log2_s, prev, optim_niter, tol)
     else:
-      w, residual, iterations = jax.lax.cond(update, solve, reuse, None)
+      w, residual, iterations = _solve_or_reuse(update, gram, log2_s, prev, optim_niter, tol)
     scale = jnp.ones((), dtype)
     if max_norm > 0:
       a = _row_units(w, log2_s)
