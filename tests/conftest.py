@@ -46,11 +46,12 @@ def _reuse_mlir_contexts(uses: int = 10):
 
   jax 0.10 builds a new MLIR context for every lowering, and loading its dialects
   takes ~2–5 ms: in a py-spy profile of `make test`, 10 % of the samples, over the
-  thousands of small programs (and op-by-op primitives) the suite lowers. Newer jax (``_create_ir_context``
-  and a thread-local context in ``jax._src.interpreters.mlir``) reuses each
-  context for 10 lowerings, bounding what the interned types and attributes
-  hold; this is that policy, for `make test`'s pinned jax. The lowered modules
-  are the same: only the context that owns them is shared.
+  thousands of small programs (and op-by-op primitives) the suite lowers. Newer
+  jax (``_create_ir_context`` and a thread-local context in
+  ``jax._src.interpreters.mlir``) reuses each context for 10 lowerings, bounding
+  what the interned types and attributes hold; this is that policy, for
+  `make test`'s pinned jax. The lowered modules are the same: only the context
+  that owns them is shared.
   """
   import threading  # pylint: disable=g-import-not-at-top
   from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top

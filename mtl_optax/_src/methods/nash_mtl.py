@@ -26,6 +26,7 @@ def _row_units(w, log2_row_scales):
 
 
 def _solve(gram, log2_s, prev, optim_niter, tol):
+  """The bargaining solution from the warm start ``prev``: (weights, residual, iterations)."""
   sol = linalg.nash_system(gram, 1.0, log2_row_scales=log2_s, w0=prev,
                            max_iters=optim_niter, tol=tol)
   return sol.x, sol.residual, sol.iterations
